@@ -1,0 +1,1 @@
+"""Bag datasets and their LightningDataModules."""

@@ -1,0 +1,73 @@
+"""`BagDataModule`: the one LightningDataModule shape every bag dataset shares.
+
+A concrete dataset subclasses it, declares its config keys in a nested `Config`
+dataclass (the schema that `conf/dataset/<name>.yaml` is checked against) and implements
+`build_splits`, which returns the train / validation / test datasets of `Bag` records.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from mil_experiments.bag import Bag, collate_single_bag
+
+
+class BagDataModule(L.LightningDataModule, ABC):
+    """Serves bags one at a time to `Trainer.fit` / `Trainer.test`.
+
+    Subclasses set `num_classes` and `instance_shape` (the shape of one instance, e.g.
+    (1, 28, 28) or (1024,)), so that encoders and aggregators derive their dimensions.
+    """
+
+    @dataclass
+    class Config:
+        num_workers: int = 0
+
+    def __init__(self, config: Config, seed: int) -> None:
+        super().__init__()
+        self.config = config
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # --- to be provided by each dataset -------------------------------------------------
+    num_classes: int = 2
+    instance_shape: tuple[int, ...] = ()
+
+    @abstractmethod
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        """Return (train, validation, test) datasets whose items are `Bag`s."""
+
+    # --- Lightning hooks ----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self.build_splits()
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=1,
+            shuffle=shuffle,
+            num_workers=self.config.num_workers,
+            collate_fn=collate_single_bag,
+            persistent_workers=self.config.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+def first_bag(dataset: Dataset) -> Bag:
+    """The first bag of a dataset: used to read instance shapes without building a model."""
+    return dataset[0]

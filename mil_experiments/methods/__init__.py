@@ -1,0 +1,1 @@
+"""LightningModules with manual optimization: one module per training method."""

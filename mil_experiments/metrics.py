@@ -1,0 +1,141 @@
+"""Bag- and instance-level metrics, as the papers compute them.
+
+Bag metrics use torchmetrics. The instance-level AUC follows the within-bag sampling
+paper's `evaluation.py` (Koriakina et al., 2021), which the gradient-accumulation paper
+reuses: per positive bag, attention weights min-max normalised (+1e-11), an instance is
+called positive at threshold t iff its score >= t and its bag is predicted positive,
+TPR/FPR over the thresholds 0, 0.001, ..., 1, trapezoidal AUC; the reported number is
+the sum of the positive bags' AUCs divided by their count (the paper divides by half the
+number of test bags, which is the same for the balanced test sets used here).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from sklearn.metrics import auc as trapezoid_auc
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_f1_score,
+)
+
+THRESHOLDS = np.round(np.arange(0, 1.0005, 0.001), 3)  # (1001,) the published threshold grid
+NORMALISATION_EPS = 1e-11
+
+
+def minmax_normalise(weights: np.ndarray) -> np.ndarray:
+    """(w - min) / (max - min + 1e-11), as the published evaluation normalises attention."""
+    return (weights - weights.min()) / (weights.max() - weights.min() + NORMALISATION_EPS)
+
+
+def bag_instance_auc(scores: np.ndarray, instance_labels: np.ndarray, bag_predicted_positive: bool) -> float:
+    """Instance AUC of one bag over the published 1001-threshold grid.
+
+    Args:
+        scores: (N,) min-max normalised attention of the bag's instances.
+        instance_labels: (N,) 1 for key instances.
+        bag_predicted_positive: the (majority) predicted bag label; a bag predicted
+            negative calls every instance negative, so its AUC is 0.
+
+    Returns:
+        The area under the (FPR, TPR) curve traced by the thresholds.
+    """
+    positives = instance_labels == 1
+    predicted = (scores[None, :] >= THRESHOLDS[:, None]) & bag_predicted_positive  # (T, N)
+    tpr = (predicted & positives).sum(1) / max(positives.sum(), 1)  # (T,)
+    fpr = (predicted & ~positives).sum(1) / max((~positives).sum(), 1)  # (T,)
+    return float(trapezoid_auc(fpr, tpr))
+
+
+def instance_auc(
+    attention: list[np.ndarray],
+    instance_labels: list[np.ndarray],
+    bag_labels: list[int],
+    predicted_bag_labels: list[int],
+    gate_by_prediction: bool = True,
+) -> float:
+    """Mean instance AUC over the positive bags (one pass per bag).
+
+    Args:
+        attention: per bag, (N,) attention weights.
+        instance_labels: per bag, (N,) instance labels.
+        bag_labels: true bag labels; only positive bags count.
+        predicted_bag_labels: predicted bag labels (used when `gate_by_prediction`).
+        gate_by_prediction: the published rule (an instance is positive only if its bag
+            is predicted positive); False scores every positive bag's attention alone.
+
+    Returns:
+        The mean AUC over positive bags (nan when there are none).
+    """
+    aucs = [
+        bag_instance_auc(minmax_normalise(a), y, bool(p) or not gate_by_prediction)
+        for a, y, label, p in zip(attention, instance_labels, bag_labels, predicted_bag_labels)
+        if label == 1
+    ]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def multi_pass_instance_auc(
+    passes: list[list[tuple[np.ndarray, np.ndarray, int]]],
+    instance_labels: list[np.ndarray],
+    bag_labels: list[int],
+) -> float:
+    """Instance AUC when each bag is seen in several sampled passes (published evaluation).
+
+    Per pass the attention is min-max normalised. For each instance: its majority
+    predicted bag label over the passes that saw it is 1 iff the count of label-1 passes
+    exceeds round(n / 2); its score is the mean weight over the passes whose label equals
+    that majority. An instance never sampled scores 0 with majority label 0.
+
+    Args:
+        passes: per bag, a list of (instance positions (s,), attention (s,), predicted
+            bag label) for each pass; positions index the bag's instances.
+        instance_labels: per bag, (N,) instance labels.
+        bag_labels: true bag labels; only positive bags count.
+    """
+    aucs = []
+    for bag_passes, labels, bag_label in zip(passes, instance_labels, bag_labels):
+        if bag_label != 1:
+            continue
+        seen: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        for positions, weights, predicted in bag_passes:
+            for position, weight in zip(positions, minmax_normalise(np.asarray(weights, dtype=np.float64))):
+                seen[int(position)].append((float(weight), int(predicted)))
+        scores = np.zeros(len(labels))
+        majority = np.zeros(len(labels), dtype=bool)
+        for position, looks in seen.items():
+            n_positive = sum(p for _, p in looks)
+            majority_label = int(n_positive > round(len(looks) / 2))
+            scores[position] = np.mean([w for w, p in looks if p == majority_label])
+            majority[position] = majority_label == 1
+        positives = labels == 1
+        predicted = (scores[None, :] >= THRESHOLDS[:, None]) & majority[None, :]  # (T, N)
+        tpr = (predicted & positives).sum(1) / max(positives.sum(), 1)
+        fpr = (predicted & ~positives).sum(1) / max((~positives).sum(), 1)
+        aucs.append(float(trapezoid_auc(fpr, tpr)))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def bag_metrics(probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy, error, AUC (from probabilities) and weighted F1 of bag predictions.
+
+    Args:
+        probabilities: (B,) positive-class probabilities for a binary task, (B, C) otherwise.
+        labels: (B,) integer labels.
+    """
+    labels = labels.long()
+    if num_classes == 2:
+        predicted = (probabilities >= 0.5).long()  # (B,)
+        accuracy = binary_accuracy(probabilities, labels).item()
+        area = binary_auroc(probabilities, labels).item() if labels.unique().numel() == 2 else float("nan")
+    else:
+        predicted = probabilities.argmax(1)  # (B,)
+        accuracy = multiclass_accuracy(probabilities, labels, num_classes, average="micro").item()
+        area = multiclass_auroc(probabilities, labels, num_classes).item()
+    f1 = multiclass_f1_score(predicted, labels, max(num_classes, 2), average="weighted").item()
+    return {"accuracy": accuracy, "error": 1.0 - accuracy, "auc": area, "f1_weighted": f1}

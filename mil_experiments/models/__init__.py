@@ -1,0 +1,1 @@
+"""Plain `nn.Module`s: instance encoders and MIL aggregators. No Lightning here."""

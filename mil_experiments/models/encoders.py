@@ -1,0 +1,109 @@
+"""Instance encoders: images (or features) of one bag -> an (N, D) feature matrix.
+
+Every encoder exposes `out_dim`, derived from the instance shape it is built for, so no
+aggregator config ever hard-codes a feature dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+
+class LeNetEncoder(nn.Module):
+    """The MNIST feature extractor of Ilse et al. (2018).
+
+    conv 20@5x5, ReLU, max-pool 2, conv 50@5x5, ReLU, max-pool 2, fc 500, ReLU. The fc
+    input size follows from the image size (800 for 28x28 inputs).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, feature_dim: int = 500) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, 20, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, in_channels, image_size, image_size)).numel()
+        self.fc = nn.Sequential(nn.Linear(flat, feature_dim), nn.ReLU())
+        self.out_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)  # (N, 50, h', w')
+        return self.fc(h.flatten(1))  # (N, feature_dim)
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "group":
+        return lambda channels: nn.GroupNorm(32, channels)
+    if norm == "none":
+        return lambda channels: nn.Identity()
+    raise ValueError(f"encoder.norm={norm!r}: choose batch, group or none")
+
+
+class BottleneckResNetEncoder(nn.Module):
+    """The "ResNet18" of the gradient-accumulation and within-bag sampling papers' code.
+
+    A torchvision `ResNet` with Bottleneck blocks [2, 2, 2, 2] (not torchvision's
+    resnet18, which uses BasicBlock), a 7x7 stride-2 first convolution for
+    `in_channels`, no fc: 2048-d features after global average pooling. `norm` picks
+    batch norm (the papers' default), group norm (32 groups) or none.
+    """
+
+    def __init__(self, in_channels: int, norm: str = "batch") -> None:
+        super().__init__()
+        self.net = ResNet(Bottleneck, [2, 2, 2, 2], norm_layer=_norm_layer(norm))
+        self.net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.net.fc = nn.Identity()
+        self.out_dim = 512 * Bottleneck.expansion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (N, 2048)
+
+
+class IdentityEncoder(nn.Module):
+    """For bags of pre-extracted features: the instances already are the features."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.out_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # (N, D)
+
+
+@dataclass
+class EncoderConfig:
+    """Schema of `conf/encoder/*.yaml`."""
+
+    name: str = "lenet"
+    feature_dim: int = 500  # lenet only
+    norm: str = "batch"  # resnet only: batch | group | none
+
+
+def build_encoder(config: EncoderConfig, instance_shape: tuple[int, ...]) -> nn.Module:
+    """Build the encoder named by `config.name` for instances of `instance_shape`."""
+    if config.name == "identity":
+        if len(instance_shape) != 1:
+            raise ValueError(f"encoder=identity needs feature bags; instances have shape {tuple(instance_shape)}")
+        return IdentityEncoder(instance_shape[0])
+    if len(instance_shape) != 3:
+        raise ValueError(f"encoder={config.name} needs image bags (C, H, W); instances have shape {tuple(instance_shape)}")
+    channels, height, width = instance_shape
+    if config.name == "lenet":
+        if height != width:
+            raise ValueError(f"encoder=lenet needs square images; got {height}x{width}")
+        return LeNetEncoder(channels, height, config.feature_dim)
+    if config.name == "resnet_bottleneck":
+        return BottleneckResNetEncoder(channels, config.norm)
+    raise ValueError(f"encoder.name={config.name!r}: choose lenet, resnet_bottleneck or identity")

@@ -1,0 +1,82 @@
+"""What a run leaves behind: results.json, the printed table, and multirun summaries."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+PACKAGES = ("mil_experiments", "torch", "torchvision", "lightning", "hydra-core", "torchmetrics", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Write results.json, atomically (a failed write never leaves half a file)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=float))
+    tmp.replace(path)
+
+
+def format_table(results: dict) -> str:
+    """The short table printed at the end of a run."""
+    test = results["test"]
+    rows = [
+        ("method", f"{results['method']} (alpha={results['alpha']:g}%)" if results["method"].endswith("acc") else results["method"]),
+        ("dataset", results["dataset"]),
+        ("selected epoch", str(results["selection"]["selected_epoch"])),
+        ("test bag accuracy", f"{test['test/accuracy']:.3f}"),
+        ("test bag AUC", f"{test['test/auc']:.3f}"),
+        ("test instance AUC", f"{test['test/instance_auc']:.3f}" if "test/instance_auc" in test else "n/a"),
+        ("train time", f"{results['time']['train_seconds']:.1f} s ({results['time']['seconds_per_bag'] * 1000:.1f} ms/bag)"),
+        ("peak saved activations", f"{results['memory']['peak_saved_activations_mb']:.2f} MB"),
+    ]
+    if "peak_cuda_allocated_mb" in results["memory"]:
+        rows.append(("peak CUDA memory", f"{results['memory']['peak_cuda_allocated_mb']:.1f} MB"))
+    rows.append(("run folder", results["run_dir"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def flatten(results: dict, prefix: str = "") -> dict[str, object]:
+    """Nested results -> one flat row (keys joined with '.')."""
+    row: dict[str, object] = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            row.update(flatten(value, f"{name}."))
+        elif not isinstance(value, list):
+            row[name] = value
+    return row
+
+
+def write_summary(sweep_dir: Path) -> Path | None:
+    """One CSV row per job of a multirun (from each job's results.json); failed jobs say so."""
+    rows = []
+    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
+        results_file = job_dir / "results.json"
+        if results_file.exists():
+            rows.append({"job": job_dir.name, "status": "ok", **flatten(json.loads(results_file.read_text()))})
+        elif (job_dir / ".hydra").exists():
+            rows.append({"job": job_dir.name, "status": "failed"})
+    if not rows:
+        return None
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    path = sweep_dir / "summary.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
