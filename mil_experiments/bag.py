@@ -44,6 +44,23 @@ class Bag:
         """Number of instances in the bag."""
         return int(self.instances.shape[0])
 
+    def subset(self, positions: torch.Tensor) -> Bag:
+        """The bag restricted to `positions` (repeats allowed); the label is unchanged."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[positions.to(t.device)]
+
+        return Bag(
+            instances=self.instances[positions.to(self.instances.device)],
+            label=self.label,
+            bag_id=self.bag_id,
+            instance_labels=pick(self.instance_labels),
+            instance_ids=pick(self.instance_ids),
+            coords=pick(self.coords),
+            magnification=self.magnification,
+            extras=self.extras,
+        )
+
 
 def collate_single_bag(items: list[Bag]) -> Bag:
     """Collate for `batch_size=1` loaders: the one bag, unchanged."""

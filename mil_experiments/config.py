@@ -17,8 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 from mil_experiments.callbacks import SELECTION_RULES, SelectionConfig
 from mil_experiments.errors import ConfigError
 from mil_experiments.models.encoders import EncoderConfig
+from mil_experiments.sampling import SamplingConfig
 
-TOP_LEVEL_KEYS = {"dataset", "encoder", "method", "strategy", "trainer", "logger", "seed", "alpha", "selection", "telemetry"}
+TOP_LEVEL_KEYS = {"dataset", "encoder", "method", "strategy", "trainer", "logger", "seed", "alpha", "selection", "sampling", "telemetry"}
 STRATEGIES = ("single",)
 LOGGERS = ("wandb", "csv", "none")
 
@@ -75,6 +76,7 @@ class ValidatedConfig:
     logger: LoggerConfig
     strategy: StrategyConfig
     selection: SelectionConfig
+    sampling: SamplingConfig
     telemetry: TelemetryConfig
 
 
@@ -136,12 +138,17 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
         logger=_checked(LoggerConfig, cfg.logger, "logger"),
         strategy=_checked(StrategyConfig, cfg.strategy, "strategy"),
         selection=_checked(SelectionConfig, cfg.selection, "selection"),
+        sampling=_checked(SamplingConfig, cfg.sampling, "sampling"),
         telemetry=_checked(TelemetryConfig, cfg.telemetry, "telemetry"),
     )
     if validated.logger.name not in LOGGERS:
         raise ConfigError(f"logger.name={validated.logger.name!r}: choose one of {LOGGERS}")
     if validated.strategy.name not in STRATEGIES:
         raise ConfigError(f"strategy.name={validated.strategy.name!r}: choose one of {STRATEGIES}")
+    try:
+        validated.sampling.check()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if validated.selection.rule not in SELECTION_RULES:
         raise ConfigError(f"selection.rule={validated.selection.rule!r}: choose one of {SELECTION_RULES}")
     return validated

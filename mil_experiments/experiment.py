@@ -39,7 +39,11 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
         datamodule.setup("fit")
         encoder = build_encoder(checked.encoder, tuple(datamodule.instance_shape))
         method = checked.method_class(
-            checked.method, encoder=encoder, num_classes=datamodule.num_classes, alpha=checked.alpha
+            checked.method,
+            encoder=encoder,
+            num_classes=datamodule.num_classes,
+            alpha=checked.alpha,
+            sampling=checked.sampling,
         )
     except ValueError as error:
         if isinstance(error, ConfigError):

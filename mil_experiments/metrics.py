@@ -16,13 +16,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 from sklearn.metrics import auc as trapezoid_auc
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    multiclass_accuracy,
-    multiclass_auroc,
-    multiclass_f1_score,
-)
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc, multiclass_f1_score
 
 THRESHOLDS = np.round(np.arange(0, 1.0005, 0.001), 3)  # (1001,) the published threshold grid
 NORMALISATION_EPS = 1e-11
@@ -121,21 +115,25 @@ def multi_pass_instance_auc(
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def bag_metrics(probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+def bag_metrics(
+    probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int, predicted: torch.Tensor | None = None
+) -> dict[str, float]:
     """Accuracy, error, AUC (from probabilities) and weighted F1 of bag predictions.
 
     Args:
         probabilities: (B,) positive-class probabilities for a binary task, (B, C) otherwise.
         labels: (B,) integer labels.
+        predicted: (B,) predicted labels when they are not the thresholded probabilities
+            (the majority vote of sampled passes); accuracy and F1 use them.
     """
     labels = labels.long()
+    if predicted is None:
+        predicted = (probabilities >= 0.5).long() if num_classes == 2 else probabilities.argmax(1)  # (B,)
+    predicted = predicted.long()
     if num_classes == 2:
-        predicted = (probabilities >= 0.5).long()  # (B,)
-        accuracy = binary_accuracy(probabilities, labels).item()
         area = binary_auroc(probabilities, labels).item() if labels.unique().numel() == 2 else float("nan")
     else:
-        predicted = probabilities.argmax(1)  # (B,)
-        accuracy = multiclass_accuracy(probabilities, labels, num_classes, average="micro").item()
         area = multiclass_auroc(probabilities, labels, num_classes).item()
+    accuracy = float((predicted == labels).float().mean())
     f1 = multiclass_f1_score(predicted, labels, max(num_classes, 2), average="weighted").item()
     return {"accuracy": accuracy, "error": 1.0 - accuracy, "auc": area, "f1_weighted": f1}

@@ -41,6 +41,11 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
         "alpha": checked.alpha,
         "acc_mode": getattr(checked.method, "acc_mode", None),
         "chunk_size": getattr(method, "last_chunk_size", None) or None,
+        "sampling": {
+            "train": checked.sampling.train,
+            "inference": checked.sampling.inference,
+            "test_inference": method.test_percents,
+        },
         "epochs": len(method.history),
         "selection": {
             "rule": checked.selection.rule,

@@ -20,7 +20,8 @@ from torch import nn
 
 from mil_experiments.bag import Bag
 from mil_experiments.engine import encode_in_chunks
-from mil_experiments.metrics import bag_metrics, instance_auc
+from mil_experiments.metrics import bag_metrics, multi_pass_instance_auc
+from mil_experiments.sampling import SamplingConfig, count_test_passes, draw_positions
 
 
 @dataclass
@@ -52,6 +53,7 @@ class MILMethod(L.LightningModule, ABC):
         encoder: instance encoder with an `out_dim` attribute.
         num_classes: number of bag classes (2 = binary, one logit with BCE).
         alpha: percent of a bag's instances forwarded at once (top-level `alpha`).
+        sampling: within-bag sampling at training and inference (top-level `sampling`).
     """
 
     @dataclass
@@ -66,8 +68,19 @@ class MILMethod(L.LightningModule, ABC):
         step_schedule: str = "modulo"
         eval_chunk_size: int = 512
 
-    def __init__(self, config: Config, encoder: nn.Module, num_classes: int, alpha: float = 100.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        encoder: nn.Module,
+        num_classes: int,
+        alpha: float = 100.0,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
         super().__init__()
+        self.sampling = sampling or SamplingConfig()
+        self.sampling.check()
+        if self.sampling.train < 100 and not self.trains_on_samples:
+            raise ValueError(f"sampling.train={self.sampling.train:g} applies to method=abmil_sampl only (method={config.name})")
         if config.step_schedule not in STEP_SCHEDULES:
             raise ValueError(f"method.step_schedule={config.step_schedule!r}: choose one of {STEP_SCHEDULES}")
         if config.bags_per_step < 1:
@@ -84,8 +97,11 @@ class MILMethod(L.LightningModule, ABC):
         self.test_results: dict[str, float] = {}
         self._train_records: list[tuple[float, int, int]] = []
         self._eval_records: list[dict] = []
+        self._test_records: dict[float, list[dict]] = {}
 
     # --- what a method provides ---------------------------------------------------------
+    trains_on_samples: bool = False  # within-bag sampling at training (ABMIL-SAMPL)
+
     @abstractmethod
     def build_aggregator(self, in_dim: int) -> nn.Module:
         """The aggregator: (N, in_dim) features -> logits or (logits, attention, ...)."""
@@ -124,6 +140,9 @@ class MILMethod(L.LightningModule, ABC):
 
     def training_step(self, bag: Bag, batch_idx: int) -> None:
         k = self.config.bags_per_step
+        positions = draw_positions(self.sampling.train, bag.size)
+        if positions is not None:
+            bag = bag.subset(positions)
         loss, logits = self.backward_bag(bag, loss_scale=1.0 / k)
         predicted = self.predicted_label(self.probabilities(logits))
         self._train_records.append((float(loss), predicted, int(bag.label)))
@@ -152,17 +171,39 @@ class MILMethod(L.LightningModule, ABC):
             "attention": None if attention is None else attention.float().cpu().numpy(),
         }
 
-    def _record_eval(self, bag: Bag) -> None:
-        result = self.evaluate_bag(bag)
-        result["label"] = int(bag.label)
-        result["instance_labels"] = None if bag.instance_labels is None else bag.instance_labels.cpu().numpy()
-        self._eval_records.append(result)
+    def evaluate_sampled(self, bag: Bag, percent: float, passes: int) -> dict:
+        """Evaluate `passes` samples of `percent`% of the bag (one whole pass at 100%).
+
+        Returns the mean loss and probability over the passes, the majority-vote label
+        and, per pass, (positions, attention, predicted label) for the instance AUC.
+        """
+        looks = []
+        for _ in range(passes):
+            positions = draw_positions(percent, bag.size)
+            if positions is None:
+                positions = torch.arange(bag.size)
+            result = self.evaluate_bag(bag.subset(positions))
+            result["positions"] = positions.numpy()
+            result["predicted"] = self.predicted_label(result["probability"])
+            looks.append(result)
+        votes = np.bincount([r["predicted"] for r in looks], minlength=max(self.num_classes, 2))
+        majority = int(votes[1] >= 0.5 * len(looks)) if self.num_classes == 2 else int(votes.argmax())
+        return {
+            "loss": float(np.mean([r["loss"] for r in looks])),
+            "probability": torch.stack([r["probability"] for r in looks]).mean(0),
+            "predicted": majority,
+            "label": int(bag.label),
+            "instance_labels": None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
+            "passes": [(r["positions"], r["attention"], r["predicted"]) for r in looks],
+        }
 
     def on_validation_epoch_start(self) -> None:
         self._eval_records = []
 
     def validation_step(self, bag: Bag, batch_idx: int) -> None:
-        self._record_eval(bag)
+        repeats = self.sampling.val_repeats if self.sampling.inference < 100 else 1
+        for _ in range(repeats):
+            self._eval_records.append(self.evaluate_sampled(bag, self.sampling.inference, passes=1))
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -172,7 +213,7 @@ class MILMethod(L.LightningModule, ABC):
             losses, predicted, labels = zip(*self._train_records)
             metrics["train/loss"] = float(np.mean(losses))
             metrics["train/error"] = float(np.mean(np.asarray(predicted) != np.asarray(labels)))
-        scores = self._bag_scores()
+        scores = self._bag_scores(self._eval_records)
         metrics["val/loss"] = float(np.mean([r["loss"] for r in self._eval_records]))
         metrics["val/error"] = scores["error"]
         metrics["val/auc"] = scores["auc"]
@@ -181,36 +222,50 @@ class MILMethod(L.LightningModule, ABC):
         self.history.append(metrics)
         self.log_dict({k: float(v) for k, v in metrics.items() if k != "epoch"}, on_epoch=True)
 
-    def _bag_scores(self) -> dict[str, float]:
-        probabilities = torch.stack([r["probability"] for r in self._eval_records])
-        labels = torch.tensor([r["label"] for r in self._eval_records])
-        return bag_metrics(probabilities, labels, self.num_classes)
+    def _bag_scores(self, records: list[dict]) -> dict[str, float]:
+        probabilities = torch.stack([r["probability"] for r in records])
+        labels = torch.tensor([r["label"] for r in records])
+        predicted = torch.tensor([r["predicted"] for r in records])
+        return bag_metrics(probabilities, labels, self.num_classes, predicted)
+
+    @property
+    def test_percents(self) -> list[float]:
+        """Inference percentages evaluated at test: `sampling.inference` first, then the extras."""
+        percents = [float(self.sampling.inference)]
+        return percents + [float(p) for p in self.sampling.test_inference if float(p) not in percents]
 
     def on_test_epoch_start(self) -> None:
-        self._eval_records = []
+        self._test_records: dict[float, list[dict]] = {p: [] for p in self.test_percents}
 
     def test_step(self, bag: Bag, batch_idx: int) -> None:
-        self._record_eval(bag)
+        for percent, records in self._test_records.items():
+            passes = count_test_passes(percent, bag.size, self.sampling.test_looks)
+            records.append(self.evaluate_sampled(bag, percent, passes))
 
     def on_test_epoch_end(self) -> None:
-        records = self._eval_records
-        scores = self._bag_scores()
+        results: dict[str, float] = {}
+        for i, (percent, records) in enumerate(self._test_records.items()):
+            suffix = "" if i == 0 else f"@inference{percent:g}"
+            for key, value in self._test_metrics(records).items():
+                results[key + suffix] = value
+        self.test_results = results
+        self.log_dict(results)
+
+    def _test_metrics(self, records: list[dict]) -> dict[str, float]:
+        scores = self._bag_scores(records)
         results = {
             "test/loss": float(np.mean([r["loss"] for r in records])),
             "test/accuracy": scores["accuracy"],
             "test/auc": scores["auc"],
             "test/f1_weighted": scores["f1_weighted"],
         }
-        predicted = [self.predicted_label(r["probability"]) for r in records]
         if self.num_classes == 2:
-            hard = bag_metrics(torch.tensor(predicted, dtype=torch.float32), torch.tensor([r["label"] for r in records]), 2)
-            results["test/auc_hard_labels"] = hard["auc"]  # the sampling paper's bag AUC
-        if self.num_classes == 2 and all(r["instance_labels"] is not None and r["attention"] is not None for r in records):
-            results["test/instance_auc"] = instance_auc(
-                [r["attention"] for r in records],
-                [r["instance_labels"] for r in records],
-                [r["label"] for r in records],
-                predicted,
-            )
-        self.test_results = results
-        self.log_dict(results)
+            predicted = torch.tensor([r["predicted"] for r in records], dtype=torch.float32)
+            labels = torch.tensor([r["label"] for r in records])
+            results["test/auc_hard_labels"] = bag_metrics(predicted, labels, 2)["auc"]  # the sampling paper's bag AUC
+            has_instances = all(r["instance_labels"] is not None and r["passes"][0][1] is not None for r in records)
+            if has_instances:
+                results["test/instance_auc"] = multi_pass_instance_auc(
+                    [r["passes"] for r in records], [r["instance_labels"] for r in records], [r["label"] for r in records]
+                )
+        return results
