@@ -1,0 +1,190 @@
+"""Feature bags: one bag per slide, read from a folder of feature files (HDF5 or `.pt`).
+
+The folder holds `<slide_id>.h5` (or `.hdf5`, `.pt`; CLAM's `h5_files/`, `pt_files/` too),
+a labels CSV and, unless k-fold splits are generated, a splits CSV (see
+`mil_experiments.data.slide_splits`). The feature dimension is read from the files. With
+several magnifications, `instances` holds the lowest and `extras` holds all of them.
+
+Every file is read and checked once at setup. A missing or unreadable file, one with no
+features, with NaN or infinite values, or with a dimension unlike the others is an error
+naming it; with `skip_invalid=true` it is skipped with a warning instead, and listed in
+`skipped` (slide, file, reason) so that the run can report how many were left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mil_experiments.bag import Bag
+from mil_experiments.data.datamodule import BagDataModule
+from mil_experiments.data.feature_files import SlideFeatures, find_feature_file, read_feature_file
+from mil_experiments.data.slide_splits import SPLITS, kfold_splits, read_labels, read_splits
+from mil_experiments.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def slide_to_bag(slide_id: str, label: int, features: SlideFeatures, instance_label_threshold: float) -> Bag:
+    """A `Bag` from one slide's features (lowest magnification in `instances`)."""
+    mags = features.magnifications
+    low = mags[0]
+
+    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(np.ascontiguousarray(array))
+
+    instance_labels = {m: torch.from_numpy((t >= instance_label_threshold).astype(np.int64)) for m, t in features.tumour_fraction.items()}
+    coords = {m: tensor(c) for m, c in features.coords.items() if c is not None and np.ndim(c) == 2 and np.shape(c)[1] == 2}
+    extras = {}
+    if len(mags) > 1:
+        extras["magnifications"] = {m: torch.from_numpy(features.features[m]) for m in mags}  # {m: (N_m, D)}
+        extras["coords_by_magnification"] = coords
+        if instance_labels:
+            extras["instance_labels_by_magnification"] = instance_labels
+    instances = torch.from_numpy(features.features[low])  # (N, D)
+    return Bag(
+        instances=instances,
+        label=torch.tensor(label, dtype=torch.long),
+        bag_id=slide_id,
+        instance_labels=instance_labels.get(low),
+        instance_ids=torch.arange(instances.shape[0]),
+        coords=coords.get(low),
+        magnification=low,
+        extras=extras,
+    )
+
+
+class FeatureBagDataset(Dataset):
+    """Bags of pre-extracted features; kept in memory, or re-read from disk per item."""
+
+    def __init__(self, entries: list[tuple[str, Path, int]], magnifications: list[float] | None, threshold: float, cache: dict[str, Bag] | None) -> None:
+        self.entries = entries
+        self.magnifications = magnifications
+        self.threshold = threshold
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Bag:
+        slide_id, path, label = self.entries[index]
+        if self.cache is not None:
+            return self.cache[slide_id]
+        return slide_to_bag(slide_id, label, read_feature_file(path, self.magnifications), self.threshold)
+
+    @property
+    def labels(self) -> list[int]:
+        """Bag labels in dataset order."""
+        return [label for _, _, label in self.entries]
+
+
+class FeatureBagsDataModule(BagDataModule):
+    """Bags of pre-extracted slide features; see the module docstring."""
+
+    @dataclass
+    class Config(BagDataModule.Config):
+        name: str = "feature_bags"
+        root: str = ""
+        features_dir: str | None = None
+        labels_csv: str = "labels.csv"
+        label_column: str = "label"
+        split: str = "csv"
+        splits_csv: str = "splits.csv"
+        num_folds: int = 5
+        fold: int = 0
+        val_fraction: float = 0.2
+        split_seed: int = 0
+        magnifications: list[float] | None = None
+        preload: bool = True
+        skip_invalid: bool = False
+        instance_label_threshold: float = 0.5
+
+    def __init__(self, config: Config, seed: int) -> None:
+        super().__init__(config, seed)
+        c = config
+        if not c.root:
+            raise ConfigError("dataset.root is not set: give the folder of feature files (dataset.root=<dir>)")
+        if c.split not in ("csv", "kfold"):
+            raise ConfigError(f"dataset.split={c.split!r}: choose csv or kfold")
+        self.root = Path(c.root)
+        self.features_dir = Path(c.features_dir) if c.features_dir else self.root
+        if not self.features_dir.is_dir():
+            raise DataError(f"dataset.features_dir={self.features_dir}: folder not found")
+        self.skipped: list[dict] = []
+        self.class_names: list[str] = []
+        self._labels, self.class_names = read_labels(self._resolve(c.labels_csv), c.label_column)
+        self.num_classes = len(self.class_names)
+        self.instance_shape: tuple[int, ...] = ()
+
+    def _resolve(self, name: str) -> Path:
+        """CSV paths are relative to `root` unless absolute."""
+        path = Path(name)
+        return path if path.is_absolute() else self.root / path
+
+    def _split_of(self) -> dict[str, str]:
+        c = self.config
+        if c.split == "kfold":
+            return kfold_splits(self._labels, c.num_folds, c.fold, c.val_fraction, c.split_seed)
+        splits = read_splits(self._resolve(c.splits_csv))
+        unknown = sorted(set(splits) - set(self._labels))
+        if unknown:
+            raise DataError(f"{self._resolve(c.splits_csv)}: {len(unknown)} slides have no label, e.g. {unknown[:3]}")
+        return splits
+
+    def build_splits(self) -> tuple[FeatureBagDataset, FeatureBagDataset, FeatureBagDataset]:
+        c = self.config
+        split_of = self._split_of()
+        loaded: dict[str, SlideFeatures] = {}
+        paths: dict[str, Path] = {}
+        for slide_id in sorted(split_of):
+            try:
+                path = find_feature_file(self.features_dir, slide_id)
+                if path is None:
+                    raise DataError(f"{self.features_dir}: no feature file for slide {slide_id} (.h5, .hdf5 or .pt)")
+                loaded[slide_id] = read_feature_file(path, c.magnifications)
+                paths[slide_id] = path
+            except DataError as error:
+                self._skip_or_raise(slide_id, error)
+        self._check_dimensions(loaded)
+        if not loaded:
+            raise DataError(f"{self.features_dir}: no usable feature files")
+        first = next(iter(loaded.values()))
+        self.instance_shape = (first.feature_dim,)
+        self.magnifications = first.magnifications
+        cache = {s: slide_to_bag(s, self._labels[s], f, c.instance_label_threshold) for s, f in loaded.items()} if c.preload else None
+        sets = []
+        for split in SPLITS:
+            entries = [(s, paths[s], self._labels[s]) for s in sorted(loaded) if split_of[s] == split]
+            if not entries:
+                raise DataError(f"dataset: the {split} split is empty (slides: {Counter(split_of.values())})")
+            sets.append(FeatureBagDataset(entries, c.magnifications, c.instance_label_threshold, cache))
+        if self.skipped:
+            log.warning("feature_bags: skipped %d slides with invalid feature files", len(self.skipped))
+        return tuple(sets)
+
+    def _skip_or_raise(self, slide_id: str, error: DataError) -> None:
+        if not self.config.skip_invalid:
+            raise error
+        log.warning("skipping slide %s: %s", slide_id, error)
+        self.skipped.append({"slide_id": slide_id, "reason": str(error)})
+
+    def _check_dimensions(self, loaded: dict[str, SlideFeatures]) -> None:
+        """Every file must have the feature dimension (and magnifications) of the majority."""
+        if not loaded:
+            return
+        signature = {s: (f.feature_dim, tuple(f.magnifications)) for s, f in loaded.items()}
+        common, _ = Counter(signature.values()).most_common(1)[0]
+        for slide_id, sig in signature.items():
+            if sig != common:
+                error = DataError(
+                    f"{loaded[slide_id].path}: features of dimension {sig[0]} at magnifications {list(sig[1])};"
+                    f" the other files have dimension {common[0]} at {list(common[1])}"
+                )
+                self._skip_or_raise(slide_id, error)
+                del loaded[slide_id]

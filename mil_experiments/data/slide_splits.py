@@ -1,0 +1,123 @@
+"""Slide-level tables: the labels CSV, the splits CSV and seeded stratified k-fold splits.
+
+Labels CSV: a header with `slide_id` and a label column (`label` unless configured);
+integer labels must be 0..C-1, text labels are numbered in sorted order.
+Splits CSV, either layout:
+- long: `slide_id, split` with split in {train, val, test};
+- wide (ZoomMIL, CLAM): columns `train`, `val`, `test`, each listing slide ids (an extra
+  unnamed index column, as CLAM writes, is ignored).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from mil_experiments.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_labels(path: str | Path, label_column: str = "label") -> tuple[dict[str, int], list[str]]:
+    """Slide id -> class index, and the class names (index order)."""
+    path = Path(path)
+    rows = _read_csv(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    for column in ("slide_id", label_column):
+        if column not in rows[0]:
+            raise DataError(f"{path}: no '{column}' column (columns: {list(rows[0])})")
+    raw: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        slide_id, label = (row["slide_id"] or "").strip(), (row[label_column] or "").strip()
+        if not slide_id or not label:
+            raise DataError(f"{path}:{line}: empty slide_id or {label_column}")
+        if slide_id in raw:
+            raise DataError(f"{path}:{line}: slide_id {slide_id!r} appears twice")
+        raw[slide_id] = label
+    values = sorted(set(raw.values()))
+    if all(_is_int(v) for v in values):
+        ints = sorted(int(v) for v in values)
+        if ints != list(range(len(ints))):
+            raise DataError(f"{path}: integer labels must be 0..C-1; found {ints}")
+        return {s: int(v) for s, v in raw.items()}, [str(i) for i in ints]
+    index = {v: i for i, v in enumerate(values)}
+    return {s: index[v] for s, v in raw.items()}, values
+
+
+def read_splits(path: str | Path) -> dict[str, str]:
+    """Slide id -> "train" | "val" | "test", from either CSV layout."""
+    path = Path(path)
+    rows = _read_csv(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    columns = list(rows[0])
+    result: dict[str, str] = {}
+
+    def assign(slide_id: str, split: str, line: int) -> None:
+        if split not in SPLITS:
+            raise DataError(f"{path}:{line}: split {split!r} is not one of {', '.join(SPLITS)}")
+        if slide_id in result and result[slide_id] != split:
+            raise DataError(f"{path}:{line}: slide {slide_id!r} is in both {result[slide_id]} and {split}")
+        result[slide_id] = split
+
+    if "slide_id" in columns and "split" in columns:
+        for line, row in enumerate(rows, start=2):
+            assign((row["slide_id"] or "").strip(), (row["split"] or "").strip(), line)
+    elif all(s in columns for s in SPLITS):
+        for line, row in enumerate(rows, start=2):
+            for split in SPLITS:
+                slide_id = (row[split] or "").strip()
+                if slide_id:
+                    assign(slide_id, split, line)
+    else:
+        raise DataError(f"{path}: expected columns slide_id,split or train,val,test; found {columns}")
+    return result
+
+
+def kfold_splits(labels: dict[str, int], num_folds: int, fold: int, val_fraction: float, seed: int) -> dict[str, str]:
+    """Stratified k-fold: fold `fold` is the test set; a stratified `val_fraction` of the rest
+    is the validation set. Deterministic in `seed`, independent of the run's seed."""
+    if num_folds < 2:
+        raise ConfigError(f"dataset.num_folds={num_folds}: must be >= 2")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"dataset.fold={fold}: must be in 0..{num_folds - 1}")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"dataset.val_fraction={val_fraction}: must be in [0, 1)")
+    rng = np.random.default_rng(seed)
+    result: dict[str, str] = {}
+    ids = sorted(labels)
+    for label in sorted(set(labels.values())):
+        members = [s for s in ids if labels[s] == label]
+        members = [members[i] for i in rng.permutation(len(members))]
+        # deal round-robin so fold sizes differ by at most one within each class
+        rest = []
+        for position, slide_id in enumerate(members):
+            if position % num_folds == fold:
+                result[slide_id] = "test"
+            else:
+                rest.append(slide_id)
+        n_val = round(len(rest) * val_fraction)
+        for position, slide_id in enumerate(rest):
+            result[slide_id] = "val" if position < n_val else "train"
+    return result
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: cannot be read as CSV: {error}") from error
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
