@@ -159,30 +159,36 @@ class MILMethod(L.LightningModule, ABC):
 
     # --- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_bag(self, bag: Bag) -> dict:
-        """Loss, probability and attention of one bag, encoded without gradients."""
-        features = encode_in_chunks(self.encoder, bag.instances, self.config.eval_chunk_size)  # (N, D)
+    def evaluate_features(self, features: torch.Tensor, label: torch.Tensor) -> dict:
+        """Loss, probability and attention of one bag from its (N, D) features."""
         output = self.aggregator(features)
         logits = output[0] if isinstance(output, tuple) else output
         attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         return {
-            "loss": float(self.bag_loss(logits, bag.label)),
+            "loss": float(self.bag_loss(logits, label)),
             "probability": self.probabilities(logits).cpu(),
             "attention": None if attention is None else attention.float().cpu().numpy(),
         }
 
+    @torch.no_grad()
     def evaluate_sampled(self, bag: Bag, percent: float, passes: int) -> dict:
         """Evaluate `passes` samples of `percent`% of the bag (one whole pass at 100%).
 
-        Returns the mean loss and probability over the passes, the majority-vote label
-        and, per pass, (positions, attention, predicted label) for the instance AUC.
+        The bag is encoded once, without gradients and a chunk at a time; each pass then
+        pools the features of its sample (in eval mode the encoder treats instances
+        independently, so this equals encoding every sample anew).
+
+        Returns the mean loss and probability over the passes, the majority-vote label,
+        per pass (positions, attention, predicted label) for the instance AUC, and the
+        passes' own results under "looks".
         """
+        features = encode_in_chunks(self.encoder, bag.instances, self.config.eval_chunk_size)  # (N, D)
         looks = []
         for _ in range(passes):
             positions = draw_positions(percent, bag.size)
             if positions is None:
                 positions = torch.arange(bag.size)
-            result = self.evaluate_bag(bag.subset(positions))
+            result = self.evaluate_features(features[positions.to(features.device)], bag.label)  # (s, D) pooled
             result["positions"] = positions.numpy()
             result["predicted"] = self.predicted_label(result["probability"])
             looks.append(result)
@@ -195,6 +201,7 @@ class MILMethod(L.LightningModule, ABC):
             "label": int(bag.label),
             "instance_labels": None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
             "passes": [(r["positions"], r["attention"], r["predicted"]) for r in looks],
+            "looks": looks,
         }
 
     def on_validation_epoch_start(self) -> None:
@@ -202,8 +209,9 @@ class MILMethod(L.LightningModule, ABC):
 
     def validation_step(self, bag: Bag, batch_idx: int) -> None:
         repeats = self.sampling.val_repeats if self.sampling.inference < 100 else 1
-        for _ in range(repeats):
-            self._eval_records.append(self.evaluate_sampled(bag, self.sampling.inference, passes=1))
+        result = self.evaluate_sampled(bag, self.sampling.inference, passes=repeats)
+        for look in result["looks"]:  # each repeat counts as one evaluation of the bag
+            self._eval_records.append({**look, "label": result["label"]})
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
