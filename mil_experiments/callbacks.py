@@ -72,9 +72,8 @@ class Telemetry(L.Callback):
         pl_module.epoch_telemetry = telemetry
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.training or trainer.state.fn == "fit":
-            if hasattr(self, "_epoch_watch"):
-                self._close_training_part(pl_module)
+        if trainer.state.fn == "fit" and hasattr(self, "_epoch_watch"):
+            self._close_training_part(pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_training_part(pl_module)

@@ -86,7 +86,7 @@ def build_loggers(experiment: Experiment) -> list:
         project=c.project,
         entity=c.entity,
         save_dir=str(out),
-        name=out.name if out.name.isdigit() is False else f"{out.parent.name}_{out.name}",
+        name=f"{out.parent.name}_{out.name}" if out.name.isdigit() else out.name,  # multirun jobs are numbered
         mode=c.mode,
         tags=list(c.tags),
         config=OmegaConf.to_container(experiment.cfg, resolve=True),

@@ -54,8 +54,8 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
             "checkpoint": str(selection.checkpoint_path),
         },
         "test": method.test_results,
-        "time": telemetry.summary(),
-        "memory": {k: v for k, v in telemetry.summary().items() if "mb" in k},
+        "time": {k: v for k, v in telemetry.summary().items() if "seconds" in k},
+        "memory": {k: v for k, v in telemetry.summary().items() if k.endswith("_mb")},
         "versions": package_versions(),
         "run_dir": str(output_dir),
     }
