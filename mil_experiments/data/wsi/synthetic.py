@@ -272,9 +272,10 @@ def generate_slide(rng: np.random.Generator, positive: bool, cfg: SyntheticSlide
 
     # soften the drawn polygons into round nuclei
     a_normal = cv2.GaussianBlur(nuclei, (0, 0), 0.6).astype(np.float32) / 255.0  # (h, w)
-    a_tumour = cv2.GaussianBlur(tumour_nuclei, (0, 0), 0.6).astype(np.float32) / 255.0  # (h, w)
+    has_tumour = bool(tumour_mask.any())
+    a_tumour = cv2.GaussianBlur(tumour_nuclei, (0, 0), 0.6).astype(np.float32) / 255.0 if has_tumour else None  # (h, w)
     stroma_tumour = STROMA_RGB.copy()
-    if tumour_mask.any() and cfg.low_mag_camouflage > 0:
+    if has_tumour and cfg.low_mag_camouflage > 0:
         # lighten tumour stroma so its mean colour approaches that of normal tissue
         # mean colour = stroma * E[shade * (1 - a)] + nucleus colour * E[a], per region
         if normal_area.any():
@@ -288,14 +289,18 @@ def generate_slide(rng: np.random.Generator, positive: bool, cfg: SyntheticSlide
         stroma_tumour = (STROMA_RGB + cfg.low_mag_camouflage * (matched - STROMA_RGB)).astype(np.float32)
 
     image = np.empty((h, w, 3), dtype=np.uint8)
-    tumour_f = tumour_mask.astype(np.float32)  # (h, w)
-    grain = 2.0 * rng.standard_normal((h, w), dtype=np.float32)  # (h, w), shared by the channels
+    tumour_f = tumour_mask.astype(np.float32) if has_tumour else None  # (h, w)
+    grain = rng.integers(-3, 4, (h, w), dtype=np.int8)  # (h, w), std 2, shared by the channels
     for c in range(3):  # channel by channel, in place, to keep float temporaries small
-        value = tumour_f * float(stroma_tumour[c] - STROMA_RGB[c])  # (h, w)
-        value += float(STROMA_RGB[c])
-        value *= shade  # stroma
+        if has_tumour:
+            value = tumour_f * float(stroma_tumour[c] - STROMA_RGB[c])  # (h, w)
+            value += float(STROMA_RGB[c])
+            value *= shade  # stroma
+        else:
+            value = shade * float(STROMA_RGB[c])  # (h, w)
         value += a_normal * (float(NUCLEUS_RGB[c]) - value)  # normal nuclei over stroma
-        value += a_tumour * (float(TUMOUR_NUCLEUS_RGB[c]) - value)  # tumour nuclei
+        if has_tumour:
+            value += a_tumour * (float(TUMOUR_NUCLEUS_RGB[c]) - value)  # tumour nuclei
         value -= float(BACKGROUND_RGB[c])
         value *= tissue_alpha  # tissue over background
         value += float(BACKGROUND_RGB[c])
