@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from mil_experiments.callbacks import EpochMetricsWriter, ModelSelection, Telemetry
 from mil_experiments.config import ValidatedConfig, validate
 from mil_experiments.data.datamodule import BagDataModule
-from mil_experiments.errors import ConfigError
+from mil_experiments.errors import ConfigError, DataError
 from mil_experiments.methods.base import MILMethod
 from mil_experiments.models.encoders import build_encoder
 
@@ -46,7 +46,7 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
             sampling=checked.sampling,
         )
     except ValueError as error:
-        if isinstance(error, ConfigError):
+        if isinstance(error, (ConfigError, DataError)):
             raise
         raise ConfigError(str(error)) from None
     return Experiment(cfg, checked, datamodule, method, Path(output_dir))

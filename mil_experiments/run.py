@@ -47,6 +47,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
             "test_inference": method.test_percents,
         },
         "epochs": len(method.history),
+        "skipped_files": list(getattr(experiment.datamodule, "skipped", [])),  # feature_bags with skip_invalid
         "selection": {
             "rule": checked.selection.rule,
             "window": selection.window,

@@ -224,3 +224,17 @@ def test_abmil_trains_on_extracted_feature_bags(tmp_path):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["dataset"] == "feature_bags" and saved["epochs"] == 1
     assert 0.0 <= results["test"]["test/accuracy"] <= 1.0
+
+
+def test_skipped_feature_files_are_counted_in_results(bag_folder, tmp_path):
+    from mil_experiments.api import compose_config
+    from mil_experiments.run import train_and_test
+
+    (bag_folder / "s3.h5").unlink()
+    overrides = ["dataset=feature_bags", f"dataset.root={bag_folder}", "dataset.skip_invalid=true",
+                 "dataset.magnifications=[2.5]", "encoder=identity", "trainer.max_epochs=1",
+                 "trainer.enable_progress_bar=false", "logger=none"]
+    results = train_and_test(compose_config(overrides), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [s["slide_id"] for s in saved["skipped_files"]] == ["s3"] == [s["slide_id"] for s in results["skipped_files"]]
+    assert "no feature file for slide s3" in saved["skipped_files"][0]["reason"]
