@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from mil_experiments.engine.accumulate import MODES, accumulate_gradients
+
+KEEP_LAST = "+keep_last"  # a mode suffix: cached with keep_last_chunk=True
 from mil_experiments.engine.chunks import chunk_size_for_alpha
 from mil_experiments.models.attention_mil import AttentionMIL
 from mil_experiments.models.encoders import BottleneckResNetEncoder, LeNetEncoder
@@ -138,7 +140,8 @@ def bag_step(model: BenchModel, bag: torch.Tensor, chunk_size: int, mode: str) -
     def step() -> None:
         for p in model.modules.parameters():
             p.grad = None
-        accumulate_gradients(model.encoder, model.aggregator, model.loss_fn, bag, target, chunk_size, mode=mode)
+        accumulate_gradients(model.encoder, model.aggregator, model.loss_fn, bag, target, chunk_size,
+                             mode=mode.removesuffix(KEEP_LAST), keep_last_chunk=mode.endswith(KEEP_LAST))
 
     return step
 
@@ -190,7 +193,7 @@ def bench_bag(
     model: BenchModel,
     bag: torch.Tensor,
     alphas: tuple[float, ...] = ALPHAS,
-    modes: tuple[str, ...] = MODES,
+    modes: tuple[str, ...] = (*MODES, "cached" + KEEP_LAST),
     repeats: int = 10,
     warmup: int = 2,
 ) -> list[SettingResult]:
@@ -440,7 +443,8 @@ def main() -> None:
     parser.add_argument("--in-channels", type=int, default=1)
     parser.add_argument("--bag-size", type=int, default=200)
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    all_modes = [*MODES, "cached" + KEEP_LAST]
+    parser.add_argument("--modes", nargs="+", choices=all_modes, default=all_modes)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (one call of every setting per round)")
     parser.add_argument("--warmup", type=int, default=2)

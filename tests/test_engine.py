@@ -62,13 +62,14 @@ def test_every_parameter_gradient_matches_full_bag(kind, alpha):
     chunk = chunk_size_for_alpha(alpha, bag.shape[0])
     reference = full_bag_reference(encoder, aggregator, bag, target, chunk)
     by_mode = {}
-    for mode in ("cached", "recompute"):
-        accumulate_gradients(encoder, aggregator, bce, bag, target, chunk, mode=mode)
+    for mode, keep_last in (("cached", False), ("recompute", False), ("cached_keep_last", True)):
+        accumulate_gradients(encoder, aggregator, bce, bag, target, chunk, mode=mode.removesuffix("_keep_last"),
+                             keep_last_chunk=keep_last)
         by_mode[mode] = gradients(encoder, aggregator)
         for g, ref in zip(by_mode[mode], reference):
             assert normalised_l1(g, ref) <= 1e-6
-    for a, b in zip(by_mode["cached"], by_mode["recompute"]):
-        assert normalised_l1(a, b) <= 1e-6
+    for a, b, c in zip(by_mode["cached"], by_mode["recompute"], by_mode["cached_keep_last"]):
+        assert normalised_l1(a, b) <= 1e-6 and normalised_l1(c, a) <= 1e-6
 
 
 def test_matches_a_single_batch_forward_of_the_whole_bag():

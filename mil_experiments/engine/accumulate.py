@@ -10,7 +10,8 @@ chunk's rows of dL/dZ. Two ways to get those rows:
 
 - `cached`: run g_phi and the loss once on the full feature matrix Z (requiring grad),
   backpropagate to get dL/dphi and dL/dZ, then re-encode each chunk with grad and
-  backpropagate dL/dZ[chunk] into it. The aggregator runs once per bag.
+  backpropagate dL/dZ[chunk] into it. The aggregator runs once per bag (with
+  `keep_last_chunk`, the last chunk is encoded with grad in the first pass already).
 - `recompute`: what the paper's published code does: after the aggregator's own
   backward on detached features, for each chunk re-encode it with grad, join it to the
   detached features of the rest, rerun the aggregator (its parameters frozen) and
@@ -49,6 +50,7 @@ def accumulate_gradients(
     chunk_size: int,
     mode: str = "cached",
     backward: BackwardFn | None = None,
+    keep_last_chunk: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | tuple]:
     """Fill `.grad` of encoder and aggregator as one full-bag forward + backward would.
 
@@ -66,6 +68,10 @@ def accumulate_gradients(
         mode: "cached" (default) or "recompute" (the paper's published code).
         backward: how a loss is backpropagated (default `loss.backward()`); Lightning's
             `manual_backward` goes here so that mixed-precision loss scaling applies.
+        keep_last_chunk: cached mode only: encode the last chunk once, with grad, keeping
+            its graph through the aggregator's backward (one chunk fewer to re-encode,
+            about 0.1x of a full-bag step faster, at the cost of holding that chunk's
+            activations together with the aggregator's).
 
     Returns:
         The loss (detached) and the aggregator's output (detached).
@@ -82,28 +88,39 @@ def accumulate_gradients(
         return loss.detach(), _detached(output)
 
     replay_encoder_rng = _has_active_dropout(encoder)
+    # keep_last_chunk: the last chunk is encoded with grad right away and its graph kept, so
+    # it is encoded once, not twice; its activations and the aggregator's are then held
+    # together, which raises the peak a little above one chunk's.
+    keep_last = mode == "cached" and keep_last_chunk
+    no_grad_slices = slices[:-1] if keep_last else slices
     chunk_rng_states = []
     with torch.no_grad(), _no_running_stat_updates(encoder):
         parts = []
-        for piece in slices:
+        for piece in no_grad_slices:
             if replay_encoder_rng:
                 chunk_rng_states.append(_rng_state(instances.device))
             parts.append(encoder(instances[piece]))  # (c, D)
-        features = torch.cat(parts)  # (N, D)
-    rng_after_first_pass = _rng_state(instances.device) if replay_encoder_rng else None
 
     if mode == "cached":
-        features.requires_grad_(True)
+        if keep_last:
+            last_features = encoder(instances[slices[-1]])  # (c, D), with grad
+            parts.append(last_features.detach())
+        rng_after_first_pass = _rng_state(instances.device) if replay_encoder_rng else None
+        features = torch.cat(parts).requires_grad_(True)  # (N, D)
         output = aggregator(features)
         loss = loss_fn(_logits(output), target)
         backward(loss)  # aggregator grads and dL/dZ
         feature_grad = features.grad  # (N, D)
-        for i, piece in enumerate(slices):
+        if keep_last:
+            torch.autograd.backward(last_features, feature_grad[slices[-1]])
+        for i, piece in enumerate(no_grad_slices):
             if replay_encoder_rng:
                 _set_rng_state(chunk_rng_states[i], instances.device)
             chunk_features = encoder(instances[piece])  # (c, D)
             torch.autograd.backward(chunk_features, feature_grad[piece])
     else:
+        features = torch.cat(parts)  # (N, D), no grad
+        rng_after_first_pass = _rng_state(instances.device) if replay_encoder_rng else None
         replay_aggregator_rng = _has_active_dropout(aggregator)
         aggregator_rng = _rng_state(instances.device) if replay_aggregator_rng else None
         output = aggregator(features)  # features carry no grad: aggregator grads only
