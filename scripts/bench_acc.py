@@ -39,14 +39,13 @@ import torch
 from torch import nn
 
 from mil_experiments.engine.accumulate import MODES, accumulate_gradients
-
-KEEP_LAST = "+keep_last"  # a mode suffix: cached with keep_last_chunk=True
 from mil_experiments.engine.chunks import chunk_size_for_alpha
 from mil_experiments.models.attention_mil import AttentionMIL
 from mil_experiments.models.encoders import BottleneckResNetEncoder, LeNetEncoder
 from mil_experiments.telemetry import Stopwatch, measure_saved_bytes
 
 ALPHAS = (3, 25, 50, 100)
+KEEP_LAST = "+keep_last"  # a mode suffix: cached with keep_last_chunk=True
 MB = 2**20
 
 
