@@ -27,20 +27,23 @@ def minmax_normalise(weights: np.ndarray) -> np.ndarray:
     return (weights - weights.min()) / (weights.max() - weights.min() + NORMALISATION_EPS)
 
 
-def bag_instance_auc(scores: np.ndarray, instance_labels: np.ndarray, bag_predicted_positive: bool) -> float:
+def bag_instance_auc(
+    scores: np.ndarray, instance_labels: np.ndarray, bag_predicted_positive: bool | np.ndarray
+) -> float:
     """Instance AUC of one bag over the published 1001-threshold grid.
 
     Args:
         scores: (N,) min-max normalised attention of the bag's instances.
         instance_labels: (N,) 1 for key instances.
-        bag_predicted_positive: the (majority) predicted bag label; a bag predicted
-            negative calls every instance negative, so its AUC is 0.
+        bag_predicted_positive: the (majority) predicted bag label, one for the bag or
+            (N,) per instance; an instance whose bag is predicted negative is called
+            negative at every threshold (a bag predicted negative has AUC 0).
 
     Returns:
         The area under the (FPR, TPR) curve traced by the thresholds.
     """
     positives = instance_labels == 1
-    predicted = (scores[None, :] >= THRESHOLDS[:, None]) & bag_predicted_positive  # (T, N)
+    predicted = (scores[None, :] >= THRESHOLDS[:, None]) & np.asarray(bag_predicted_positive, dtype=bool)  # (T, N)
     tpr = (predicted & positives).sum(1) / max(positives.sum(), 1)  # (T,)
     fpr = (predicted & ~positives).sum(1) / max((~positives).sum(), 1)  # (T,)
     return float(trapezoid_auc(fpr, tpr))
@@ -107,11 +110,7 @@ def multi_pass_instance_auc(
             majority_label = int(n_positive > round(len(looks) / 2))
             scores[position] = np.mean([w for w, p in looks if p == majority_label])
             majority[position] = majority_label == 1
-        positives = labels == 1
-        predicted = (scores[None, :] >= THRESHOLDS[:, None]) & majority[None, :]  # (T, N)
-        tpr = (predicted & positives).sum(1) / max(positives.sum(), 1)
-        fpr = (predicted & ~positives).sum(1) / max((~positives).sum(), 1)
-        aucs.append(float(trapezoid_auc(fpr, tpr)))
+        aucs.append(bag_instance_auc(scores, labels, majority))
     return float(np.mean(aucs)) if aucs else float("nan")
 
 

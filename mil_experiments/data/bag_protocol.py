@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mil_experiments.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class BagIndices:
@@ -72,6 +74,35 @@ def draw_bags(
         order = rng.permutation(bag_size)
         bags.append(BagIndices(indices[order], labels[order], int(positive)))
     return bags
+
+
+PROTOCOL_COUNTS = ("bag_size", "train_bags", "val_bags", "test_bags", "image_size")
+
+
+def check_protocol_config(config) -> None:
+    """The keys every benchmark-bag dataset shares: a ConfigError naming the bad one.
+
+    `config` has `key_percent` and the integer keys of `PROTOCOL_COUNTS`.
+    """
+    if not 0 < config.key_percent <= 100:
+        raise ConfigError(f"dataset.key_percent={config.key_percent}: must be in (0, 100]")
+    for key in PROTOCOL_COUNTS:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"dataset.{key}={getattr(config, key)}: must be a positive integer")
+
+
+def draw_split_bags(is_key: np.ndarray, n_bags: int, config, rng: np.random.Generator, pool: str) -> list[BagIndices]:
+    """`draw_bags` with the dataset config's protocol; an impossible draw is a ConfigError.
+
+    Args:
+        pool: what the pool is, for the message (e.g. "train pool of 898 digits").
+    """
+    try:
+        return draw_bags(
+            is_key, n_bags, config.bag_size, config.key_percent, rng, getattr(config, "allow_repeats", False)
+        )
+    except ValueError as error:
+        raise ConfigError(f"dataset ({pool}): {error}") from None
 
 
 def split_pool_per_class(

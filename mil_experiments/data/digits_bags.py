@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from mil_experiments.data.bag_protocol import draw_bags, split_pool_per_class
+from mil_experiments.data.bag_protocol import check_protocol_config, draw_split_bags, split_pool_per_class
 from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.data.pool_bags import PoolBagDataset, resize_and_normalize
 from mil_experiments.errors import ConfigError
@@ -42,8 +42,7 @@ class DigitsBagsDataModule(BagDataModule):
         c = config
         if not 0 <= c.key_digit <= 9:
             raise ConfigError(f"dataset.key_digit={c.key_digit}: must be a digit 0-9")
-        if not 0 < c.key_percent <= 100:
-            raise ConfigError(f"dataset.key_percent={c.key_percent}: must be in (0, 100]")
+        check_protocol_config(c)
         if abs(sum(c.pool_fractions) - 1) > 1e-6 or min(c.pool_fractions) <= 0:
             raise ConfigError(f"dataset.pool_fractions={list(c.pool_fractions)}: must be 3 positive numbers summing to 1")
         self.num_classes = 2
@@ -61,10 +60,7 @@ class DigitsBagsDataModule(BagDataModule):
         mean, std = float(train_pixels.mean()), float(train_pixels.std())  # of the training pool
         sets = []
         for name, pool, n_bags in zip(("train", "val", "test"), pools, (c.train_bags, c.val_bags, c.test_bags)):
-            try:
-                bags = draw_bags(targets[pool] == c.key_digit, n_bags, c.bag_size, c.key_percent, rng)
-            except ValueError as error:
-                raise ConfigError(f"dataset ({name} pool of {len(pool)} digits): {error}") from None
+            bags = draw_split_bags(targets[pool] == c.key_digit, n_bags, c, rng, f"{name} pool of {len(pool)} digits")
             pool_images = (images[torch.as_tensor(pool)] - mean) / std  # (P_split, 1, S, S)
             sets.append(PoolBagDataset(pool_images, bags, _identity, name, torch.as_tensor(targets[pool])))
         return tuple(sets)

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from mil_experiments.bag import Bag
-from mil_experiments.data.bag_protocol import BagIndices, draw_bags, split_pool_per_class
+from mil_experiments.data.bag_protocol import BagIndices, check_protocol_config, draw_split_bags, split_pool_per_class
 from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.data.imagenette_augmentation import FixedAugmentation, build_resize, instance_seed
 from mil_experiments.data.pool_bags import PoolBagDataset, resize_and_normalize
@@ -176,13 +176,9 @@ class ImagenetteBagsDataModule(BagDataModule):
             raise ConfigError(
                 f"dataset.root is not set: give the Imagenette folder (dataset.root=/path); {IMAGENETTE_LAYOUT}"
             )
-        if not 0 < c.key_percent <= 100:
-            raise ConfigError(f"dataset.key_percent={c.key_percent}: must be in (0, 100]")
         if not 0 < c.val_fraction < 1:
             raise ConfigError(f"dataset.val_fraction={c.val_fraction}: must be in (0, 1)")
-        for key in ("bag_size", "train_bags", "val_bags", "test_bags", "image_size"):
-            if getattr(c, key) < 1:
-                raise ConfigError(f"dataset.{key}={getattr(c, key)}: must be a positive integer")
+        check_protocol_config(c)
         if len(c.mean) != 3 or len(c.std) != 3 or min(c.std) <= 0:
             raise ConfigError(
                 f"dataset.mean={list(c.mean)}, dataset.std={list(c.std)}: must be 3 numbers each, std positive"
@@ -208,12 +204,9 @@ class ImagenetteBagsDataModule(BagDataModule):
         drawn_per_split = {}
         for name, (images, n_bags) in sources.items():
             self.split_files[name] = images.files
-            try:
-                drawn_per_split[name] = draw_bags(
-                    images.classes == c.key_class, n_bags, c.bag_size, c.key_percent, rng, c.allow_repeats
-                )
-            except ValueError as error:
-                raise ConfigError(f"dataset ({name} pool of {len(images.files)} Imagenette images): {error}") from None
+            drawn_per_split[name] = draw_split_bags(
+                images.classes == c.key_class, n_bags, c, rng, f"{name} pool of {len(images.files)} Imagenette images"
+            )
         sets = []
         for name, drawn in drawn_per_split.items():
             # Decode only the images the bags use; bags then index that compact pool.

@@ -26,7 +26,7 @@ import torch
 from torchvision.datasets import QMNIST
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
-from mil_experiments.data.bag_protocol import BagIndices, draw_bags
+from mil_experiments.data.bag_protocol import BagIndices, check_protocol_config, draw_split_bags
 from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.data.pool_bags import PoolBagDataset, resize_and_normalize
 from mil_experiments.errors import ConfigError, DataError
@@ -159,13 +159,9 @@ class QMNISTBagsDataModule(BagDataModule):
             )
         if not 0 <= c.key_digit <= 9:
             raise ConfigError(f"dataset.key_digit={c.key_digit}: must be a digit 0-9")
-        if not 0 < c.key_percent <= 100:
-            raise ConfigError(f"dataset.key_percent={c.key_percent}: must be in (0, 100]")
         if c.val_selection not in VAL_SELECTIONS:
             raise ConfigError(f"dataset.val_selection={c.val_selection}: must be one of {', '.join(VAL_SELECTIONS)}")
-        for key in ("bag_size", "train_bags", "val_bags", "test_bags", "image_size"):
-            if getattr(c, key) < 1:
-                raise ConfigError(f"dataset.{key}={getattr(c, key)}: must be a positive integer")
+        check_protocol_config(c)
         if c.std <= 0:
             raise ConfigError(f"dataset.std={c.std}: must be positive")
         self.num_classes = 2
@@ -187,12 +183,7 @@ class QMNISTBagsDataModule(BagDataModule):
         transform = resize_and_normalize(c.image_size, c.mean * 255, c.std * 255)
         sets = []
         for name, (part, pool, n_bags) in sources.items():
-            try:
-                drawn = draw_bags(
-                    part.digits[pool] == c.key_digit, n_bags, c.bag_size, c.key_percent, rng, c.allow_repeats
-                )
-            except ValueError as error:
-                raise ConfigError(f"dataset ({name} pool of {len(pool)} QMNIST images): {error}") from None
+            drawn = draw_split_bags(part.digits[pool] == c.key_digit, n_bags, c, rng, f"{name} pool of {len(pool)} QMNIST images")
             # Bags index the whole QMNIST file, so instance ids are QMNIST file indices.
             bags = [BagIndices(pool[b.indices], b.instance_labels, b.label) for b in drawn]
             self.pool_indices[name] = pool
