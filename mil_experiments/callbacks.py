@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import numpy as np
 import torch
 
 from mil_experiments.telemetry import SavedTensorMeter, Stopwatch
-
-log = logging.getLogger(__name__)
 
 
 class Telemetry(L.Callback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.errors import ConfigError, DataError
 from mil_experiments.methods.base import MILMethod
 from mil_experiments.models.encoders import build_encoder
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

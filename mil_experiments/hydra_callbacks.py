@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mil_experiments.results import write_summary
-
-log = logging.getLogger(__name__)
 
 
 class MultirunSummary(Callback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from mil_experiments.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from mil_experiments.bag import Bag, collate_single_bag
+from mil_experiments.bag import collate_single_bag
 
 
 class BagDataModule(L.LightningDataModule, ABC):
@@ -66,8 +66,3 @@ class BagDataModule(L.LightningDataModule, ABC):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
-
-
-def first_bag(dataset: Dataset) -> Bag:
-    """The first bag of a dataset: used to read instance shapes without building a model."""
-    return dataset[0]
