@@ -1,25 +1,25 @@
-"""Lightning callbacks: telemetry, the papers' model selection, and the per-epoch CSV."""
+"""Lightning callbacks: telemetry and the per-epoch CSV (model selection: `selection.py`)."""
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
+from mil_experiments.metrics import log_values
 from mil_experiments.telemetry import SavedTensorMeter, Stopwatch
 
 
 class Telemetry(L.Callback):
     """Training wall time per epoch and per bag, and peak memory per epoch.
 
-    Writes `time/epoch_train_s`, `time/bag_s` (mean per bag), `memory/peak_saved_mb`
+    Logs `time/epoch_train_s`, `time/bag_s` (mean per bag), `memory/peak_saved_mb`
     (activations saved for backward in one bag, any device) and, on CUDA,
-    `memory/peak_cuda_mb` (`torch.cuda.max_memory_allocated`) into the method's
-    `epoch_telemetry` before its validation metrics are gathered.
+    `memory/peak_cuda_mb` (`torch.cuda.max_memory_allocated`) once the training part of
+    an epoch is over.
     """
 
     def __init__(self, count_saved_tensors: bool = True) -> None:
@@ -66,7 +66,7 @@ class Telemetry(L.Callback):
             peak = torch.cuda.max_memory_allocated(pl_module.device)
             self.peak_cuda_bytes = max(self.peak_cuda_bytes, peak)
             telemetry["memory/peak_cuda_mb"] = peak / 2**20
-        pl_module.epoch_telemetry = telemetry
+        pl_module.log_dict(log_values(telemetry), on_epoch=True)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and hasattr(self, "_epoch_watch"):
@@ -87,93 +87,29 @@ class Telemetry(L.Callback):
         return out
 
 
-@dataclass
-class SelectionConfig:
-    """Schema of the top-level `selection:` key."""
-
-    rule: str = "moving_average"  # moving_average | best_val_loss | last
-    window: int = 15
-
-
-SELECTION_RULES = ("moving_average", "best_val_loss", "last")
-
-
-class ModelSelection(L.Callback):
-    """Choose the model that gets tested, and save it as a checkpoint.
-
-    `moving_average` (the papers' rule): once `window` epochs exist, the mean validation
-    error over the last `window` epochs; whenever it is strictly lower than the best
-    window so far, the epoch with the lowest validation error inside that window (the
-    earliest on ties) is selected. The window is capped at `max_epochs`, so short runs
-    select too. `best_val_loss`: the epoch of lowest validation loss. `last`: the last.
-    """
-
-    def __init__(self, config: SelectionConfig, checkpoint_path: Path) -> None:
-        if config.rule not in SELECTION_RULES:
-            raise ValueError(f"selection.rule={config.rule!r}: choose one of {SELECTION_RULES}")
-        if config.window < 1:
-            raise ValueError(f"selection.window={config.window}: must be >= 1")
-        self.config = config
-        self.checkpoint_path = Path(checkpoint_path)
-        self.selected_epoch: int | None = None
-        self.selected_state: dict[str, torch.Tensor] | None = None
-        self.best_score = float("inf")
-        self._recent: list[tuple[int, float, dict[str, torch.Tensor]]] = []
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.config.window
-        self.window = min(self.config.window, max_epochs)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not pl_module.last_epoch_metrics:
-            return
-        metrics = pl_module.last_epoch_metrics
-        epoch = int(metrics["epoch"])
-        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        if self.config.rule == "moving_average":
-            self._recent = (self._recent + [(epoch, metrics["val/error"], state)])[-self.window :]
-            if len(self._recent) == self.window:
-                window_mean = float(np.mean([e for _, e, _ in self._recent]))
-                if window_mean < self.best_score:
-                    self.best_score = window_mean
-                    best = int(np.argmin([e for _, e, _ in self._recent]))
-                    self._select(self._recent[best][0], self._recent[best][2], window_mean)
-        elif self.config.rule == "best_val_loss":
-            if metrics["val/loss"] < self.best_score:
-                self.best_score = metrics["val/loss"]
-                self._select(epoch, state, self.best_score)
-        else:
-            self._select(epoch, state, metrics["val/loss"])
-
-    def _select(self, epoch: int, state: dict[str, torch.Tensor], score: float) -> None:
-        self.selected_epoch, self.selected_state = epoch, state
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"state_dict": state, "epoch": epoch, "selection_rule": self.config.rule, "selection_score": score},
-            self.checkpoint_path,
-        )
-
-    def restore_selected(self, pl_module: L.LightningModule) -> None:
-        """Load the selected weights into `pl_module` (before testing)."""
-        if self.selected_state is None:
-            raise RuntimeError("no model was selected: did validation run during fit?")
-        pl_module.load_state_dict(self.selected_state)
-
-
 class EpochMetricsWriter(L.Callback):
-    """Appends one row per epoch (train, validation, telemetry) to `metrics.csv`."""
+    """Appends one row per epoch of the logged metrics to `metrics.csv`.
+
+    Columns: `epoch`, then the `train/` and `val/` metrics, then the rest (time, memory),
+    as first logged; `rows` counts the epochs written.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.columns: list[str] | None = None
+        self.rows = 0
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not pl_module.last_epoch_metrics:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/loss" not in metrics:
             return
-        row = pl_module.last_epoch_metrics
+        row = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in metrics.items()}}
         if self.columns is None:
-            self.columns = list(row)
+            names = [k for k in row if k != "epoch"]
+            ordered = [k for k in names if k.startswith("train/")] + [k for k in names if k.startswith("val/")]
+            self.columns = ["epoch", *ordered, *[k for k in names if k not in ordered]]
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+        self.rows += 1

@@ -1,25 +1,31 @@
 """Checking a composed config against the schemas of the classes it names.
 
-Each yaml of a config group names its class with `_target_` (datasets, methods) or a
+A run is dataset x encoder x aggregator x method x engine x strategy, each a config group.
+Each yaml names its class with `_target_` (datasets, aggregators, methods, engines) or a
 `name` (encoders); the class's nested `Config` dataclass is the schema. Unknown keys,
-wrong types and out-of-range values become a `ConfigError` that names the key.
+wrong types and out-of-range values become a `ConfigError` that names the key, and so
+does a setting that the chosen engine or method would ignore.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mil_experiments.callbacks import SELECTION_RULES, SelectionConfig
+from mil_experiments.engine import GradientEngine
 from mil_experiments.errors import ConfigError
-from mil_experiments.models.encoders import EncoderConfig
+from mil_experiments.models.encoders import ENCODER_CONFIGS, EncoderConfig
 from mil_experiments.sampling import SamplingConfig
+from mil_experiments.selection import SelectionConfig
 
-TOP_LEVEL_KEYS = {"dataset", "encoder", "method", "strategy", "trainer", "logger", "seed", "alpha", "selection", "sampling", "telemetry"}
+TOP_LEVEL_KEYS = {
+    "dataset", "encoder", "aggregator", "method", "engine", "strategy", "trainer", "logger",
+    "seed", "alpha", "selection", "sampling", "telemetry",
+}  # fmt: skip
 STRATEGIES = ("single",)
 LOGGERS = ("wandb", "csv", "none")
 
@@ -66,12 +72,15 @@ class ValidatedConfig:
     """Everything a run needs, checked."""
 
     seed: int
-    alpha: float
     dataset_class: type
     dataset: Any
     encoder: EncoderConfig
+    aggregator_name: str
+    aggregator_class: type
+    aggregator: Any
     method_class: type
     method: Any
+    engine: GradientEngine
     trainer: TrainerConfig
     logger: LoggerConfig
     strategy: StrategyConfig
@@ -80,12 +89,13 @@ class ValidatedConfig:
     telemetry: TelemetryConfig
 
 
-def _checked(schema: type, node: Any, where: str) -> Any:
+def _checked(schema: type, node: Any, where: str, strip: tuple[str, ...] = ("_target_",)) -> Any:
     """Merge `node` into the dataclass `schema`; unknown keys and bad types raise ConfigError."""
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{where}: expected a mapping of keys, got {node!r}")
     values = OmegaConf.to_container(node, resolve=True)
-    values.pop("_target_", None)
+    for key in strip:
+        values.pop(key, None)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
         return OmegaConf.to_object(merged)
@@ -115,25 +125,55 @@ def _scalar(cfg: DictConfig, key: str, kind: type) -> Any:
     return value
 
 
+def _encoder(node: Any) -> EncoderConfig:
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    if name not in ENCODER_CONFIGS:
+        raise ConfigError(f"encoder.name={name!r}: choose one of {sorted(ENCODER_CONFIGS)}")
+    return _checked(ENCODER_CONFIGS[name], node, "encoder")
+
+
+def _engine(cfg: DictConfig) -> GradientEngine:
+    """The engine of `cfg.engine`, with the top-level `alpha` shorthand applied (acc only)."""
+    engine_class = _target_class(cfg.engine, "engine")
+    name = str(cfg.engine.get("name", engine_class.name))
+    settings = _checked(engine_class.Config, cfg.engine, "engine", strip=("_target_", "name"))
+    if cfg.get("alpha") is not None:
+        alpha = _scalar(cfg, "alpha", float)
+        if not 0 < alpha <= 100:
+            raise ConfigError(f"alpha={alpha:g}: must be in (0, 100] (percent of a bag's instances forwarded at once)")
+        if not hasattr(settings, "alpha"):
+            raise ConfigError(
+                f"alpha={alpha:g} applies to engine=acc only (this run has engine={name}): "
+                "add engine=acc, or use method=abmil_acc"
+            )
+        settings = replace(settings, alpha=alpha)
+    try:
+        return engine_class(**vars(settings))
+    except ValueError as error:  # the engine's own argument checks
+        raise ConfigError(str(error)) from None
+
+
 def validate(cfg: DictConfig) -> ValidatedConfig:
     """Check a composed config; return its validated, typed parts."""
     unknown = set(cfg.keys()) - TOP_LEVEL_KEYS - {"hydra"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}")
     seed = _scalar(cfg, "seed", int)
-    alpha = _scalar(cfg, "alpha", float)
-    if not 0 < alpha <= 100:
-        raise ConfigError(f"alpha={alpha:g}: must be in (0, 100] (percent of a bag's instances forwarded at once)")
+    engine = _engine(cfg)
     dataset_class = _target_class(cfg.dataset, "dataset")
+    aggregator_class = _target_class(cfg.aggregator, "aggregator")
     method_class = _target_class(cfg.method, "method")
     validated = ValidatedConfig(
         seed=seed,
-        alpha=alpha,
         dataset_class=dataset_class,
         dataset=_checked(dataset_class.Config, cfg.dataset, "dataset"),
-        encoder=_checked(EncoderConfig, cfg.encoder, "encoder"),
+        encoder=_encoder(cfg.encoder),
+        aggregator_name=str(cfg.aggregator.get("name", aggregator_class.__name__)),
+        aggregator_class=aggregator_class,
+        aggregator=_checked(aggregator_class.Config, cfg.aggregator, "aggregator", strip=("_target_", "name")),
         method_class=method_class,
         method=_checked(method_class.Config, cfg.method, "method"),
+        engine=engine,
         trainer=_checked(TrainerConfig, cfg.trainer, "trainer"),
         logger=_checked(LoggerConfig, cfg.logger, "logger"),
         strategy=_checked(StrategyConfig, cfg.strategy, "strategy"),
@@ -149,6 +189,6 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
         validated.sampling.check()
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if validated.selection.rule not in SELECTION_RULES:
-        raise ConfigError(f"selection.rule={validated.selection.rule!r}: choose one of {SELECTION_RULES}")
+    validated.selection.check()
+    method_class.check_config(validated.method, validated.sampling)
     return validated

@@ -126,14 +126,14 @@ def build_extraction_encoder(config: ExtractionEncoderConfig, tile_size: int) ->
         except (RuntimeError, FileNotFoundError) as error:
             raise ConfigError(str(error)) from None
     else:
-        from mil_experiments.models.encoders import EncoderConfig, build_encoder
+        from mil_experiments.models.encoders import BottleneckResNetConfig, LeNetConfig, build_encoder
 
-        try:
-            encoder = build_encoder(EncoderConfig(name=config.name, feature_dim=config.feature_dim, norm=config.norm), (3, side, side))
-        except ValueError as error:
-            raise ConfigError(f"encoder.name={config.name!r}: {error}") from None
-        if config.name == "identity":
-            raise ConfigError("encoder.name=identity cannot extract features from tiles")
+        if config.name == "lenet":
+            encoder = build_encoder(LeNetConfig(feature_dim=config.feature_dim), (3, side, side))
+        elif config.name == "resnet_bottleneck":
+            encoder = build_encoder(BottleneckResNetConfig(norm=config.norm), (3, side, side))
+        else:
+            raise ConfigError(f"encoder.name={config.name!r}: choose resnet50_trunk, lenet or resnet_bottleneck")
     return encoder.eval()
 
 

@@ -71,7 +71,7 @@ def instance_auc(
     """
     aucs = [
         bag_instance_auc(minmax_normalise(a), y, bool(p) or not gate_by_prediction)
-        for a, y, label, p in zip(attention, instance_labels, bag_labels, predicted_bag_labels)
+        for a, y, label, p in zip(attention, instance_labels, bag_labels, predicted_bag_labels, strict=True)
         if label == 1
     ]
     return float(np.mean(aucs)) if aucs else float("nan")
@@ -136,3 +136,8 @@ def bag_metrics(
     accuracy = float((predicted == labels).float().mean())
     f1 = multiclass_f1_score(predicted, labels, max(num_classes, 2), average="weighted").item()
     return {"accuracy": accuracy, "error": 1.0 - accuracy, "auc": area, "f1_weighted": f1}
+
+
+def log_values(metrics: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Metrics as float64 tensors for `LightningModule.log_dict`, so that every digit is kept."""
+    return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}

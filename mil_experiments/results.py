@@ -32,7 +32,7 @@ def format_table(results: dict) -> str:
     """The short table printed at the end of a run."""
     test = results["test"]
     rows = [
-        ("method", f"{results['method']} (alpha={results['alpha']:g}%)" if results["method"].endswith("acc") else results["method"]),
+        ("method", _method_line(results)),
         ("dataset", results["dataset"]),
         ("selected epoch", str(results["selection"]["selected_epoch"])),
         ("test bag accuracy", f"{test['test/accuracy']:.3f}"),
@@ -46,6 +46,13 @@ def format_table(results: dict) -> str:
     rows.append(("run folder", results["run_dir"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _method_line(results: dict) -> str:
+    """`abmil_acc (aggregator abmil, engine acc, alpha=25%)`."""
+    engine = results["engine"]
+    alpha = f", alpha={engine['alpha']:g}%" if "alpha" in engine else ""
+    return f"{results['method']} (aggregator {results['aggregator']}, engine {engine['name']}{alpha})"
 
 
 def flatten(results: dict, prefix: str = "") -> dict[str, object]:

@@ -22,39 +22,39 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     experiment = build_experiment(cfg, output_dir)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer, telemetry, selection = build_trainer(experiment)
+    trainer, callbacks = build_trainer(experiment)
     try:
         trainer.fit(experiment.method, datamodule=experiment.datamodule)
-        selection.restore_selected(experiment.method)
-        trainer.test(experiment.method, datamodule=experiment.datamodule, verbose=False)
+        callbacks.selection.restore_selected(experiment.method)
+        (test,) = trainer.test(experiment.method, datamodule=experiment.datamodule, verbose=False)
     finally:
         _close_wandb()
     method = experiment.method
     checked = experiment.checked
+    telemetry = callbacks.telemetry.summary()
     results = {
         "method": checked.method.name,
+        "aggregator": checked.aggregator_name,
+        "engine": {**checked.engine.settings(), "chunk_size": checked.engine.last_chunk_size},
         "dataset": checked.dataset.name,
         "encoder": checked.encoder.name,
         "seed": checked.seed,
-        "alpha": checked.alpha,
-        "acc_mode": getattr(checked.method, "acc_mode", None),
-        "chunk_size": getattr(method, "last_chunk_size", None) or None,
         "sampling": {
             "train": checked.sampling.train,
             "inference": checked.sampling.inference,
             "test_inference": method.test_percents,
         },
-        "epochs": len(method.history),
+        "epochs": callbacks.metrics_writer.rows,
         "skipped_files": list(getattr(experiment.datamodule, "skipped", [])),  # feature_bags with skip_invalid
         "selection": {
             "rule": checked.selection.rule,
-            "window": selection.window,
-            "selected_epoch": selection.selected_epoch,
-            "checkpoint": str(selection.checkpoint_path),
+            "window": callbacks.selection.window,
+            "selected_epoch": callbacks.selection.selected_epoch,
+            "checkpoint": str(callbacks.selection.checkpoint_path),
         },
-        "test": method.test_results,
-        "time": {k: v for k, v in telemetry.summary().items() if "seconds" in k},
-        "memory": {k: v for k, v in telemetry.summary().items() if k.endswith("_mb")},
+        "test": test,
+        "time": {k: v for k, v in telemetry.items() if "seconds" in k},
+        "memory": {k: v for k, v in telemetry.items() if k.endswith("_mb")},
         "versions": package_versions(),
         "run_dir": str(output_dir),
     }

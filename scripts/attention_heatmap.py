@@ -78,7 +78,7 @@ def draw(slide_path: Path, mask_path: Path | None, reader: str, attention: np.nd
     heat = np.full(thumb.shape[:2], np.nan, dtype=np.float32)
     # percentile of each tile's attention within the slide (CLAM's heatmaps do the same)
     scaled = np.argsort(np.argsort(attention)) / max(len(attention) - 1, 1)
-    for (x, y), value in zip(coords, scaled):
+    for (x, y), value in zip(coords, scaled, strict=True):
         x0, y0 = int(x / downsample), int(y / downsample)
         x1, y1 = int(np.ceil((x + tile) / downsample)), int(np.ceil((y + tile) / downsample))
         heat[y0:y1, x0:x1] = value

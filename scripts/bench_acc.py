@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mil_experiments.engine.accumulate import MODES, accumulate_gradients
+from mil_experiments.engine.accumulate import MODES, HeadResult, accumulate_gradients
 from mil_experiments.engine.chunks import chunk_size_for_alpha
-from mil_experiments.models.attention_mil import AttentionMIL
+from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.encoders import BottleneckResNetEncoder, LeNetEncoder
 from mil_experiments.telemetry import Stopwatch, measure_saved_bytes
 
@@ -121,7 +121,7 @@ def build_model(
         enc = BottleneckResNetEncoder(in_channels, norm)
     else:
         raise ValueError(f"--encoder {encoder!r}: choose lenet or resnet_bottleneck")
-    aggregator = AttentionMIL(enc.out_dim, attention_dim=128, n_outputs=1)
+    aggregator = ABMIL(enc.out_dim, n_outputs=1, attention_dim=128)
     target = torch.device(device)
     return BenchModel(enc.to(target).train(), aggregator.to(target).train(), target)
 
@@ -136,11 +136,14 @@ def bag_step(model: BenchModel, bag: torch.Tensor, chunk_size: int, mode: str) -
     """One forward + backward of `bag` with `accumulate_gradients` (grads cleared first)."""
     target = torch.ones((), device=bag.device)
 
+    def head(features: torch.Tensor) -> HeadResult:
+        return HeadResult(model.loss_fn(model.aggregator(features).logits, target))
+
     def step() -> None:
         for p in model.modules.parameters():
             p.grad = None
-        accumulate_gradients(model.encoder, model.aggregator, model.loss_fn, bag, target, chunk_size,
-                             mode=mode.removesuffix(KEEP_LAST), keep_last_chunk=mode.endswith(KEEP_LAST))
+        accumulate_gradients(model.encoder, head, bag, chunk_size, mode=mode.removesuffix(KEEP_LAST),
+                             keep_last_chunk=mode.endswith(KEEP_LAST), head_parameters=model.aggregator.parameters())
 
     return step
 
@@ -326,7 +329,7 @@ def phase_breakdown(
 
     def aggregator_forward_backward() -> None:
         z = features.detach().requires_grad_(True)  # (N, D)
-        model.loss_fn(model.aggregator(z)[0], target).backward()
+        model.loss_fn(model.aggregator(z).logits, target).backward()
 
     feature_grad = torch.randn_like(features)  # (N, D)
 
@@ -413,9 +416,9 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ class Run:
 
     @property
     def overrides(self) -> list[str]:
-        method = ["method=abmil_acc", "alpha=25"] if self.method == "acc" else ["method=abmil", "alpha=100"]
+        method = ["method=abmil_acc", "alpha=25"] if self.method == "acc" else ["method=abmil"]
         precision = ["trainer.precision=64-true"] if self.float64 else []
         return [f"encoder.norm={self.norm}", *method, *precision]
 
@@ -130,7 +130,7 @@ def write_curves_csv(path: Path, curves: dict[str, dict[str, np.ndarray]]) -> No
         writer = csv.writer(handle)
         writer.writerow(["variant", "epoch", "train_loss_acc25", "train_loss_full", "relative_difference"])
         for variant, c in curves.items():
-            for epoch, (a, f, d) in enumerate(zip(c["acc"], c["full"], c["relative_difference"])):
+            for epoch, (a, f, d) in enumerate(zip(c["acc"], c["full"], c["relative_difference"], strict=True)):
                 writer.writerow([variant, epoch + 1, repr(float(a)), repr(float(f)), repr(float(d))])
 
 
@@ -198,7 +198,7 @@ def gradient_agreement(preset: str, norm: str, extra: list[str]) -> dict[str, fl
     import copy
 
     from mil_experiments.api import compose_experiment
-    from mil_experiments.engine import accumulate_gradients, chunk_size_for_alpha
+    from mil_experiments.engine import HeadResult, accumulate_gradients, chunk_size_for_alpha
 
     experiment = compose_experiment([f"experiment={preset}", f"encoder.norm={norm}", "method=abmil_acc", *extra])
     method = experiment.method
@@ -208,7 +208,8 @@ def gradient_agreement(preset: str, norm: str, extra: list[str]) -> dict[str, fl
     def step(chunk_size: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         encoder = copy.deepcopy(method.encoder).to(dtype).train()
         aggregator = copy.deepcopy(method.aggregator).to(dtype).train()
-        accumulate_gradients(encoder, aggregator, _bce, bag.instances.to(dtype), bag.label, chunk_size)
+        head = lambda features: HeadResult(_bce(aggregator(features).logits, bag.label))  # noqa: E731
+        accumulate_gradients(encoder, head, bag.instances.to(dtype), chunk_size)
         grads = [p.grad.double() for p in [*encoder.parameters(), *aggregator.parameters()]]
         running = [b.double() for name, b in encoder.named_buffers() if name.endswith("running_mean")]
         return grads, running
@@ -228,7 +229,7 @@ def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _relative(tensors: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     """||a - b|| / ||b|| over a list of tensors taken as one vector."""
-    difference = sum(float(((a - b) ** 2).sum()) for a, b in zip(tensors, reference)) ** 0.5
+    difference = sum(float(((a - b) ** 2).sum()) for a, b in zip(tensors, reference, strict=True)) ** 0.5
     return difference / sum(float((b**2).sum()) for b in reference) ** 0.5
 
 

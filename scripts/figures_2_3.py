@@ -113,7 +113,7 @@ def plot_figure2(summary: list[dict], variants: list[str], path: Path, title: st
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(variants)), 7), sharex=True)
     width = 0.8 / len(INFERENCE_PERCENTS)
     colours = plt.cm.viridis(np.linspace(0.15, 0.85, len(INFERENCE_PERCENTS)))
-    for ax, metric, label in zip(axes, ("bag_accuracy", "instance_auc"), ("Bag accuracy", "Instance AUC")):
+    for ax, metric, label in zip(axes, ("bag_accuracy", "instance_auc"), ("Bag accuracy", "Instance AUC"), strict=True):
         for j, percent in enumerate(INFERENCE_PERCENTS):
             x = np.arange(len(variants)) + (j - (len(INFERENCE_PERCENTS) - 1) / 2) * width
             means = [by_key.get((v, percent), {}).get(f"{metric}_mean", np.nan) for v in variants]

@@ -84,8 +84,8 @@ def test_pool_images_do_not_overlap_across_splits(dm):
 
 def test_same_seed_same_bags_other_seed_other_bags():
     a, b, c = build(seed=1), build(seed=1), build(seed=2)
-    assert all(torch.equal(x.instances, y.instances) for x, y in zip(a.train_set, b.train_set))
-    assert not all(torch.equal(x.instances, y.instances) for x, y in zip(a.train_set, c.train_set))
+    assert all(torch.equal(x.instances, y.instances) for x, y in zip(a.train_set, b.train_set, strict=True))
+    assert not all(torch.equal(x.instances, y.instances) for x, y in zip(a.train_set, c.train_set, strict=True))
 
 
 def test_images_are_upsampled_and_normalised(dm):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from mil_experiments import accumulate_gradients
-from mil_experiments.engine import chunk_size_for_alpha, chunk_slices
-from mil_experiments.models.attention_mil import AttentionMIL
+from mil_experiments.engine import HeadResult, chunk_size_for_alpha, chunk_slices
+from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.encoders import BottleneckResNetEncoder, LeNetEncoder
 from mil_experiments.telemetry import measure_saved_bytes
 
@@ -19,13 +19,23 @@ def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, target)
 
 
+def acc(encoder, aggregator, bag, target, chunk_size, **options) -> HeadResult:
+    """`accumulate_gradients` with the head BCE(aggregator(features).logits, target)."""
+
+    def head(features: torch.Tensor) -> HeadResult:
+        output = aggregator(features)
+        return HeadResult(bce(output.logits, target), output=output)
+
+    return accumulate_gradients(encoder, head, bag, chunk_size, head_parameters=aggregator.parameters(), **options)
+
+
 def make_models(kind: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "lenet":
         encoder, bag = LeNetEncoder(1, 28), torch.randn(200, 1, 28, 28)
     else:
         encoder, bag = BottleneckResNetEncoder(1, norm="none"), torch.randn(12, 1, 16, 16)
-    return encoder, AttentionMIL(encoder.out_dim, 64, 1), bag
+    return encoder, ABMIL(encoder.out_dim, 1, attention_dim=64), bag
 
 
 def gradients(*modules: nn.Module) -> list[torch.Tensor]:
@@ -50,7 +60,7 @@ def full_bag_reference(encoder, aggregator, bag, target, chunk_size):
     into large relative differences; fixing the blocks isolates the decomposition itself.
     """
     features = torch.cat([encoder(bag[s]) for s in chunk_slices(bag.shape[0], chunk_size)])  # (N, D)
-    bce(aggregator(features)[0], target).backward()
+    bce(aggregator(features).logits, target).backward()
     return gradients(encoder, aggregator)
 
 
@@ -63,12 +73,12 @@ def test_every_parameter_gradient_matches_full_bag(kind, alpha):
     reference = full_bag_reference(encoder, aggregator, bag, target, chunk)
     by_mode = {}
     for mode, keep_last in (("cached", False), ("recompute", False), ("cached_keep_last", True)):
-        accumulate_gradients(encoder, aggregator, bce, bag, target, chunk, mode=mode.removesuffix("_keep_last"),
+        acc(encoder, aggregator, bag, target, chunk, mode=mode.removesuffix("_keep_last"),
                              keep_last_chunk=keep_last)
         by_mode[mode] = gradients(encoder, aggregator)
-        for g, ref in zip(by_mode[mode], reference):
+        for g, ref in zip(by_mode[mode], reference, strict=True):
             assert normalised_l1(g, ref) <= 1e-6
-    for a, b, c in zip(by_mode["cached"], by_mode["recompute"], by_mode["cached_keep_last"]):
+    for a, b, c in zip(by_mode["cached"], by_mode["recompute"], by_mode["cached_keep_last"], strict=True):
         assert normalised_l1(a, b) <= 1e-6 and normalised_l1(c, a) <= 1e-6
 
 
@@ -76,45 +86,46 @@ def test_matches_a_single_batch_forward_of_the_whole_bag():
     """Against one batch-of-N forward: identical up to float32 rounding of the kernels."""
     encoder, aggregator, bag = make_models("lenet")
     target = torch.tensor([0.0])
-    bce(aggregator(encoder(bag))[0], target).backward()
+    bce(aggregator(encoder(bag)).logits, target).backward()
     reference = gradients(encoder, aggregator)
-    accumulate_gradients(encoder, aggregator, bce, bag, target, chunk_size_for_alpha(25, 200))
+    acc(encoder, aggregator, bag, target, chunk_size_for_alpha(25, 200))
     accumulated = gradients(encoder, aggregator)
-    total = sum((a - b).abs().sum() for a, b in zip(accumulated, reference)) / sum(b.abs().sum() for b in reference)
+    total = sum((a - b).abs().sum() for a, b in zip(accumulated, reference, strict=True)) / sum(b.abs().sum() for b in reference)
     assert float(total) <= 1e-6
-    for g, ref in zip(accumulated, reference):
+    for g, ref in zip(accumulated, reference, strict=True):
         assert normalised_l1(g, ref) <= 1e-5
 
 
 def test_gradients_accumulate_into_existing_grad_like_backward():
     encoder, aggregator, bag = make_models("lenet")
     target = torch.tensor([1.0])
-    accumulate_gradients(encoder, aggregator, bce, bag[:40], target, 7)
+    acc(encoder, aggregator, bag[:40], target, 7)
     once = gradients(encoder, aggregator)
     for _ in range(2):
-        accumulate_gradients(encoder, aggregator, bce, bag[:40], target, 7)
+        acc(encoder, aggregator, bag[:40], target, 7)
     twice = gradients(encoder, aggregator)
-    for a, b in zip(twice, once):
+    for a, b in zip(twice, once, strict=True):
         assert normalised_l1(a, 2 * b) <= 1e-6
 
 
 def test_returns_loss_and_aggregator_output():
     encoder, aggregator, bag = make_models("lenet")
     target = torch.tensor([1.0])
-    loss, (logits, attention) = accumulate_gradients(encoder, aggregator, bce, bag[:30], target, 8)
+    result = acc(encoder, aggregator, bag[:30], target, 8)
     with torch.no_grad():
-        ref_logits, ref_attention = aggregator(encoder(bag[:30]))
-    assert torch.allclose(loss, bce(ref_logits, target), atol=1e-6)
-    assert torch.allclose(attention, ref_attention, atol=1e-6) and attention.shape == (30,)
-    assert not loss.requires_grad and not logits.requires_grad
+        reference = aggregator(encoder(bag[:30]))
+    assert torch.allclose(result.loss, bce(reference.logits, target), atol=1e-6)
+    assert result.output.instance_scores.shape == (30,)
+    assert torch.allclose(result.output.instance_scores, reference.instance_scores, atol=1e-6)
+    assert not result.loss.requires_grad and not result.output.logits.requires_grad
 
 
 def test_batch_norm_running_stats_updated_only_in_the_gradient_pass():
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    aggregator = AttentionMIL(4, 8, 1)
+    aggregator = ABMIL(4, 1, attention_dim=8)
     bag = torch.randn(12, 1, 8, 8)
-    accumulate_gradients(encoder, aggregator, bce, bag, torch.tensor([1.0]), chunk_size=4)
+    acc(encoder, aggregator, bag, torch.tensor([1.0]), chunk_size=4)
     bn = encoder[1]
     # momentum=None is a cumulative average: 3 chunk updates, none from the no-grad pass.
     assert int(bn.num_batches_tracked) == 3
@@ -128,7 +139,7 @@ def test_batch_norm_running_stats_updated_only_in_the_gradient_pass():
 def test_encoder_dropout_draws_the_same_mask_in_both_passes():
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5))
-    aggregator = AttentionMIL(32, 8, 1)
+    aggregator = ABMIL(32, 1, attention_dim=8)
     bag = torch.randn(20, 1, 4, 4)
     target = torch.tensor([1.0])
     state = torch.get_rng_state()
@@ -137,12 +148,12 @@ def test_encoder_dropout_draws_the_same_mask_in_both_passes():
     chunked_features = torch.cat([encoder(bag[s]) for s in chunk_slices(20, 5)])
     torch.set_rng_state(state)
     features = torch.cat([encoder(bag[s]) for s in chunk_slices(20, 5)])  # (20, 32), the masks of the first pass
-    bce(aggregator(features)[0], target).backward()
+    bce(aggregator(features).logits, target).backward()
     reference = gradients(encoder, aggregator)
     assert torch.equal(features, chunked_features)
     torch.set_rng_state(state)
-    accumulate_gradients(encoder, aggregator, bce, bag, target, chunk_size=5)
-    for g, ref in zip(gradients(encoder, aggregator), reference):
+    acc(encoder, aggregator, bag, target, chunk_size=5)
+    for g, ref in zip(gradients(encoder, aggregator), reference, strict=True):
         assert normalised_l1(g, ref) <= 1e-6
 
 
@@ -154,7 +165,7 @@ def test_saved_activation_memory_shrinks_with_alpha(alpha, bound):
     model = nn.ModuleList([encoder, aggregator])
 
     def step(percent: float):
-        return lambda: accumulate_gradients(encoder, aggregator, bce, bag, target, chunk_size_for_alpha(percent, 240))
+        return lambda: acc(encoder, aggregator, bag, target, chunk_size_for_alpha(percent, 240))
 
     full = measure_saved_bytes(model, step(100))
     chunked = measure_saved_bytes(model, step(alpha))

@@ -165,17 +165,19 @@ def test_datamodule_builds_multi_magnification_bags(bag_folder):
     dm.setup()
     assert dm.num_classes == 2 and dm.instance_shape == (8,)
     assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [2, 2, 2]
+    assert dm.describe().magnifications == tuple(MAGS) and dm.describe().multi_level
     bag = dm.train_set[0]
-    assert bag.bag_id == "s0" and bag.instances.shape == (2, 8) and bag.magnification == 2.5
-    assert sorted(bag.extras["magnifications"]) == MAGS
-    assert bag.extras["magnifications"][20.0].shape == (128, 8)
-    assert bag.extras["coords_by_magnification"][5.0].shape == (8, 2)
-    assert bag.instance_labels.shape == (2,)
+    assert bag.bag_id == "s0" and bag.instances.shape == (2 + 8 + 128, 8)
+    assert bag.levels.magnifications == tuple(MAGS) and bag.levels.sizes == (2, 8, 128)
+    high = bag.level(2)
+    assert high.magnification == 20.0 and high.instances.shape == (128, 8) and high.coords.shape == (128, 2)
+    assert bag.level(1).instance_labels.shape == (8,) and bag.instance_labels.shape == (138,)
 
     single = datamodule(bag_folder, magnifications=[20.0], preload=False)
     single.setup()
     bag = single.test_set[1]
-    assert bag.bag_id == "s5" and bag.instances.shape == (64 * 7, 8) and bag.magnification == 20.0 and bag.extras == {}
+    assert bag.bag_id == "s5" and bag.instances.shape == (64 * 7, 8) and bag.magnification == 20.0
+    assert bag.levels is None and not single.describe().multi_level
 
     folds = datamodule(bag_folder, split="kfold", num_folds=3, fold=1, val_fraction=0.5)
     folds.setup()

@@ -8,6 +8,7 @@ import torch
 from mil_experiments import compose_experiment
 from mil_experiments.api import compose_config
 from mil_experiments.errors import ConfigError
+from mil_experiments.evaluation import evaluate_bag
 from mil_experiments.run import train_and_test
 from mil_experiments.sampling import count_test_passes, draw_positions, sample_size
 
@@ -32,13 +33,13 @@ def test_abmil_sampl_trains_on_samples_of_the_bag(tiny):
     experiment = compose_experiment(tiny + ["method=abmil_sampl", "sampling.train=25"])
     method = experiment.method
     sizes = []
-    original = method.backward_bag
+    original = method.head_for
 
-    def recording(bag, loss_scale):
+    def recording(bag):
         sizes.append(bag.size)
-        return original(bag, loss_scale)
+        return original(bag)
 
-    method.backward_bag = recording
+    method.head_for = recording
     import lightning as L
 
     L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
@@ -52,18 +53,18 @@ def test_abmil_sampl_without_a_training_percent_is_refused(tiny):
 
 
 def test_training_sampling_with_another_method_is_refused(tiny):
-    with pytest.raises(ConfigError, match=r"sampling.train=25 applies to method=abmil_sampl only \(method=abmil_acc\)"):
+    with pytest.raises(ConfigError, match=r"sampling.train=25 applies to within-bag sampling only \(method=sampled or abmil_sampl; method=abmil_acc\)"):
         compose_experiment(tiny + ["method=abmil_acc", "sampling.train=25"])
 
 
 def test_sampled_test_makes_about_ten_looks_per_instance_and_votes(tiny):
     experiment = compose_experiment(tiny + ["sampling.inference=50"])
     bag = experiment.datamodule.test_set[0]
-    result = experiment.method.evaluate_sampled(bag, 50, count_test_passes(50, bag.size, 10))
-    assert len(result["passes"]) == 20  # ceil(10 * 6 / 3)
-    assert all(len(positions) == 3 for positions, _, _ in result["passes"])
-    votes = [p for _, _, p in result["passes"]]
-    assert result["predicted"] == int(sum(votes) >= len(votes) / 2)
+    result = evaluate_bag(experiment.method, bag, 50, count_test_passes(50, bag.size, 10))
+    assert len(result.passes) == 20  # ceil(10 * 6 / 3)
+    assert all(len(positions) == 3 for positions, _, _ in result.passes)
+    votes = [p for _, _, p in result.passes]
+    assert result.predicted == int(sum(votes) >= len(votes) / 2)
 
 
 def test_every_test_inference_percent_is_reported(tiny, tmp_path):

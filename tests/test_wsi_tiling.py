@@ -92,7 +92,7 @@ def test_aligned_depth_first_tiling_against_ground_truth(cohort, reader):
         padded[:512, :640] = truth.image
         for i in range(n_low):
             tiles20 = read_tile_block(slide, tiling, i, 20.0)
-            for tile, (x, y) in zip(tiles20, tiling.coords[20.0][tiling.descendants(i, 20.0)]):
+            for tile, (x, y) in zip(tiles20, tiling.coords[20.0][tiling.descendants(i, 20.0)], strict=True):
                 np.testing.assert_array_equal(tile, padded[y : y + TILE, x : x + TILE])
             # a 10x tile is its four 20x children, downsampled (pyramid level 1)
             tiles10 = read_tile_block(slide, tiling, i, 10.0)

@@ -14,13 +14,15 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from mil_experiments.bag import collate_single_bag
+from mil_experiments.data.description import DataDescription
 
 
 class BagDataModule(L.LightningDataModule, ABC):
     """Serves bags one at a time to `Trainer.fit` / `Trainer.test`.
 
     Subclasses set `num_classes` and `instance_shape` (the shape of one instance, e.g.
-    (1, 28, 28) or (1024,)), so that encoders and aggregators derive their dimensions.
+    (1, 28, 28) or (1024,)), and `magnifications` for multi-level bags, so that encoders
+    and aggregators derive their dimensions (`describe()`).
     """
 
     @dataclass
@@ -38,6 +40,17 @@ class BagDataModule(L.LightningDataModule, ABC):
     # --- to be provided by each dataset -------------------------------------------------
     num_classes: int = 2
     instance_shape: tuple[int, ...] = ()
+    magnifications: tuple[float | None, ...] = (None,)  # levels of every bag, lowest first
+    class_names: tuple[str, ...] = ()
+
+    def describe(self) -> DataDescription:
+        """The data as the method sees it (after `setup`)."""
+        return DataDescription(
+            num_classes=self.num_classes,
+            instance_shape=tuple(self.instance_shape),
+            magnifications=tuple(self.magnifications),
+            class_names=tuple(self.class_names),
+        )
 
     @abstractmethod
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:

@@ -59,7 +59,7 @@ class DigitsBagsDataModule(BagDataModule):
         train_pixels = images[torch.as_tensor(pools[0])]
         mean, std = float(train_pixels.mean()), float(train_pixels.std())  # of the training pool
         sets = []
-        for name, pool, n_bags in zip(("train", "val", "test"), pools, (c.train_bags, c.val_bags, c.test_bags)):
+        for name, pool, n_bags in zip(("train", "val", "test"), pools, (c.train_bags, c.val_bags, c.test_bags), strict=True):
             bags = draw_split_bags(targets[pool] == c.key_digit, n_bags, c, rng, f"{name} pool of {len(pool)} digits")
             pool_images = (images[torch.as_tensor(pool)] - mean) / std  # (P_split, 1, S, S)
             sets.append(PoolBagDataset(pool_images, bags, _identity, name, torch.as_tensor(targets[pool])))

@@ -3,7 +3,7 @@
 The folder holds `<slide_id>.h5` (or `.hdf5`, `.pt`; CLAM's `h5_files/`, `pt_files/` too),
 a labels CSV and, unless k-fold splits are generated, a splits CSV (see
 `mil_experiments.data.slide_splits`). The feature dimension is read from the files. With
-several magnifications, `instances` holds the lowest and `extras` holds all of them.
+several magnifications, each bag has one level per magnification (`Bag.levels`), lowest first.
 
 Every file is read and checked once at setup. A missing or unreadable file, one with no
 features, with NaN or infinite values, or with a dimension unlike the others is an error
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mil_experiments.bag import Bag
+from mil_experiments.bag import Bag, LevelLayout
 from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.data.feature_files import SlideFeatures, find_feature_file, read_feature_file
 from mil_experiments.data.slide_splits import SPLITS, kfold_splits, read_labels, read_splits
@@ -32,31 +32,28 @@ log = logging.getLogger(__name__)
 
 
 def slide_to_bag(slide_id: str, label: int, features: SlideFeatures, instance_label_threshold: float) -> Bag:
-    """A `Bag` from one slide's features (lowest magnification in `instances`)."""
+    """A `Bag` from one slide's features; several magnifications become levels, lowest first."""
     mags = features.magnifications
-    low = mags[0]
 
-    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
-        return None if array is None else torch.from_numpy(np.ascontiguousarray(array))
+    def rows(per_magnification: dict, dtype=None) -> torch.Tensor | None:
+        if any(per_magnification.get(m) is None for m in mags):
+            return None
+        parts = [torch.from_numpy(np.ascontiguousarray(per_magnification[m])) for m in mags]
+        joined = torch.cat(parts)  # (N_total, ...)
+        return joined if dtype is None else joined.to(dtype)
 
-    instance_labels = {m: torch.from_numpy((t >= instance_label_threshold).astype(np.int64)) for m, t in features.tumour_fraction.items()}
-    coords = {m: tensor(c) for m, c in features.coords.items() if c is not None and np.ndim(c) == 2 and np.shape(c)[1] == 2}
-    extras = {}
-    if len(mags) > 1:
-        extras["magnifications"] = {m: torch.from_numpy(features.features[m]) for m in mags}  # {m: (N_m, D)}
-        extras["coords_by_magnification"] = coords
-        if instance_labels:
-            extras["instance_labels_by_magnification"] = instance_labels
-    instances = torch.from_numpy(features.features[low])  # (N, D)
+    tumour = {m: (t >= instance_label_threshold).astype(np.int64) for m, t in features.tumour_fraction.items()}
+    coords = {m: c for m, c in features.coords.items() if c is not None and np.ndim(c) == 2 and np.shape(c)[1] == 2}
+    instances = rows(features.features)  # (N_total, D)
     return Bag(
         instances=instances,
         label=torch.tensor(label, dtype=torch.long),
         bag_id=slide_id,
-        instance_labels=instance_labels.get(low),
+        instance_labels=rows(tumour),
         instance_ids=torch.arange(instances.shape[0]),
-        coords=coords.get(low),
-        magnification=low,
-        extras=extras,
+        coords=rows(coords),
+        magnification=mags[0] if len(mags) == 1 else None,
+        levels=LevelLayout(tuple(mags), tuple(features.features[m].shape[0] for m in mags)) if len(mags) > 1 else None,
     )
 
 

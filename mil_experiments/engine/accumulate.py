@@ -1,164 +1,199 @@
 """`accumulate_gradients`: the exact full-bag gradient with one chunk's activations in memory.
 
-The decomposition (gradient-accumulation paper, Eq. 1): for encoder f_theta, aggregator
-g_phi and features z_i = f_theta(x_i),
+The decomposition (gradient-accumulation paper, Eq. 1): for encoder f_theta, a head
+(aggregator and loss, whatever the method makes of them) and features z_i = f_theta(x_i),
 
     dL/dtheta = sum_i (dL/dz_i)(dz_i/dtheta),
 
 so the encoder gradient is a sum over chunks of a vector-Jacobian product with the
-chunk's rows of dL/dZ. Two ways to get those rows:
+chunk's rows of dL/dZ. The engine runs in three phases:
 
-- `cached`: run g_phi and the loss once on the full feature matrix Z (requiring grad),
-  backpropagate to get dL/dphi and dL/dZ, then re-encode each chunk with grad and
-  backpropagate dL/dZ[chunk] into it. The aggregator runs once per bag (with
-  `keep_last_chunk`, the last chunk is encoded with grad in the first pass already).
-- `recompute`: what the paper's published code does: after the aggregator's own
-  backward on detached features, for each chunk re-encode it with grad, join it to the
-  detached features of the rest, rerun the aggregator (its parameters frozen) and
-  backpropagate the loss. The aggregator runs ceil(N / c) + 1 times per bag.
+1. encode every chunk without grad (batch norm running statistics untouched);
+2. gather the features (the seam where processes exchange them: `FeatureExchange`), run
+   the head once on the full feature matrix Z requiring grad and backpropagate: the
+   head's gradients and dL/dZ;
+3. scatter dL/dZ back, re-encode each chunk with grad and backpropagate dL/dZ[chunk]
+   into it; a chunk whose dL/dZ rows are all exactly zero (masked or unselected
+   instances) can be skipped (`skip_zero_grad_chunks`): its contribution is zero.
 
-Batch norm: the pass without grad does not update running statistics (as in the paper's
-code, `track_running_stats` is switched off for it); both passes normalise a chunk with
-the chunk's statistics, so with batch norm in train mode the result is the exact gradient
-of the "chunk-BN" network, not of a full-bag BN forward. Dropout: the random state of
-each chunk's first pass is replayed in its second pass, so both draw the same masks.
+`mode="recompute"` does phase 3 as the paper's published code does: for each chunk, re-
+encode it with grad, join it to the detached features of the rest, rerun the head (its
+parameters frozen) and backpropagate the loss; the head runs ceil(N / c) + 1 times.
+
+Random draws are replayed: each chunk's second encoding starts from the random state of
+its first, and every rerun of the head in recompute mode from the state of its first run,
+so dropout masks, random pseudo-bags and random subsets are the same in every pass. When
+the engine returns, the random state is the one after the head's first run, as if the bag
+had been processed once.
+
+Batch norm: both passes normalise a chunk with the chunk's statistics, so with batch norm
+in train mode the result is the exact gradient of the "chunk-BN" network, not of a
+full-bag BN forward (as in the paper's code).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mil_experiments.engine.chunks import chunk_slices
+from mil_experiments.engine.exchange import FeatureExchange
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor], None]
 
 MODES = ("cached", "recompute")
 
 
+@dataclass
+class HeadResult:
+    """What the head makes of a bag's features.
+
+    Attributes:
+        loss: the scalar that is differentiated.
+        terms: named parts of the loss (for logging), summing to `loss`.
+        output: whatever else the caller wants back (e.g. the aggregator's output).
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    output: Any = None
+
+    def detach(self) -> HeadResult:
+        output = self.output.detach() if hasattr(self.output, "detach") else self.output
+        return HeadResult(self.loss.detach(), {k: v.detach() for k, v in self.terms.items()}, output)
+
+
+Head = Callable[[torch.Tensor], HeadResult]
+
+
 def accumulate_gradients(
     encoder: nn.Module,
-    aggregator: nn.Module,
-    loss_fn: LossFn,
+    head: Head,
     instances: torch.Tensor,
-    target: torch.Tensor,
     chunk_size: int,
+    *,
     mode: str = "cached",
     backward: BackwardFn | None = None,
     keep_last_chunk: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | tuple]:
-    """Fill `.grad` of encoder and aggregator as one full-bag forward + backward would.
+    skip_zero_grad_chunks: bool = False,
+    head_parameters: Iterable[torch.Tensor] | None = None,
+    exchange: FeatureExchange | None = None,
+) -> HeadResult:
+    """Fill `.grad` of the encoder and the head as one full-bag forward + backward would.
 
     Gradients are accumulated into existing `.grad` exactly as `backward()` does, while
     the encoder activations of at most one chunk are held at any time.
 
     Args:
         encoder: maps (n, ...) instances to (n, D) features.
-        aggregator: maps (N, D) features to the logits, or to a tuple whose first element
-            is the logits (the rest, such as attention, is passed through).
-        loss_fn: `loss_fn(logits, target)` -> scalar loss.
-        instances: (N, ...) the bag.
-        target: the bag's target, passed to `loss_fn` unchanged.
+        head: maps the (N, D) features to a `HeadResult` whose `loss` is differentiated.
+        instances: (N, ...) the bag (this process's rows of it, with an `exchange`).
         chunk_size: instances encoded with grad at once; >= N is a plain full-bag step.
         mode: "cached" (default) or "recompute" (the paper's published code).
         backward: how a loss is backpropagated (default `loss.backward()`); Lightning's
             `manual_backward` goes here so that mixed-precision loss scaling applies.
         keep_last_chunk: cached mode only: encode the last chunk once, with grad, keeping
-            its graph through the aggregator's backward (one chunk fewer to re-encode,
-            about 0.1x of a full-bag step faster, at the cost of holding that chunk's
-            activations together with the aggregator's).
+            its graph through the head's backward (one chunk fewer to re-encode, at the
+            cost of holding that chunk's activations together with the head's).
+        skip_zero_grad_chunks: cached mode only: do not re-encode a chunk whose dL/dZ rows
+            are all exactly zero (their gradient contribution is zero; batch norm running
+            statistics are then not updated for that chunk).
+        head_parameters: the head's parameters, frozen while the head reruns in recompute
+            mode (required there).
+        exchange: where features and their gradients cross processes (tile-parallel);
+            None = this process holds the whole bag.
 
     Returns:
-        The loss (detached) and the aggregator's output (detached).
+        The head's result, detached.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    if mode == "recompute" and (skip_zero_grad_chunks or exchange is not None):
+        raise ValueError("mode='recompute' reruns the head per chunk: it cannot skip chunks or exchange features")
+    if mode == "recompute" and head_parameters is None:
+        raise ValueError("mode='recompute' needs head_parameters (frozen while the head reruns)")
     backward = backward or _plain_backward
+    device = instances.device
     n = instances.shape[0]
-    slices = chunk_slices(n, chunk_size)
-    if len(slices) == 1:
-        output = aggregator(encoder(instances))
-        loss = loss_fn(_logits(output), target)
-        backward(loss)
-        return loss.detach(), _detached(output)
+    slices = chunk_slices(n, chunk_size) if n else []
+    if len(slices) == 1 and exchange is None:
+        result = head(encoder(instances))  # (N, D) features with their graph
+        backward(result.loss)
+        return result.detach()
 
-    replay_encoder_rng = _has_active_dropout(encoder)
-    # keep_last_chunk: the last chunk is encoded with grad right away and its graph kept, so
-    # it is encoded once, not twice; its activations and the aggregator's are then held
-    # together, which raises the peak a little above one chunk's.
-    keep_last = mode == "cached" and keep_last_chunk
+    keep_last = mode == "cached" and keep_last_chunk and len(slices) > 0
     no_grad_slices = slices[:-1] if keep_last else slices
     chunk_rng_states = []
     with torch.no_grad(), _no_running_stat_updates(encoder):
         parts = []
         for piece in no_grad_slices:
-            if replay_encoder_rng:
-                chunk_rng_states.append(_rng_state(instances.device))
+            chunk_rng_states.append(_rng_state(device))
             parts.append(encoder(instances[piece]))  # (c, D)
 
-    if mode == "cached":
-        if keep_last:
-            last_features = encoder(instances[slices[-1]])  # (c, D), with grad
-            parts.append(last_features.detach())
-        rng_after_first_pass = _rng_state(instances.device) if replay_encoder_rng else None
-        features = torch.cat(parts).requires_grad_(True)  # (N, D)
-        output = aggregator(features)
-        loss = loss_fn(_logits(output), target)
-        backward(loss)  # aggregator grads and dL/dZ
-        feature_grad = features.grad  # (N, D)
-        if keep_last:
-            torch.autograd.backward(last_features, feature_grad[slices[-1]])
-        for i, piece in enumerate(no_grad_slices):
-            if replay_encoder_rng:
-                _set_rng_state(chunk_rng_states[i], instances.device)
-            chunk_features = encoder(instances[piece])  # (c, D)
-            torch.autograd.backward(chunk_features, feature_grad[piece])
-    else:
-        features = torch.cat(parts)  # (N, D), no grad
-        rng_after_first_pass = _rng_state(instances.device) if replay_encoder_rng else None
-        replay_aggregator_rng = _has_active_dropout(aggregator)
-        aggregator_rng = _rng_state(instances.device) if replay_aggregator_rng else None
-        output = aggregator(features)  # features carry no grad: aggregator grads only
-        loss = loss_fn(_logits(output), target)
-        backward(loss)
-        with _frozen_parameters(aggregator):
-            for i, piece in enumerate(slices):
-                if replay_encoder_rng:
-                    _set_rng_state(chunk_rng_states[i], instances.device)
-                chunk_features = encoder(instances[piece])  # (c, D)
-                joined = torch.cat([features[: piece.start], chunk_features, features[piece.stop :]])  # (N, D)
-                if replay_aggregator_rng:
-                    _set_rng_state(aggregator_rng, instances.device)
-                backward(loss_fn(_logits(aggregator(joined)), target))  # encoder grads only
+    if mode == "recompute":
+        return _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters)
 
-    if replay_encoder_rng:
-        _set_rng_state(rng_after_first_pass, instances.device)
-    return loss.detach(), _detached(output)
+    if keep_last:
+        last_features = encoder(instances[slices[-1]])  # (c, D), with grad
+        parts.append(last_features.detach())
+    local = torch.cat(parts) if parts else _empty_features(encoder, instances)  # (n, D)
+    exchange = exchange or FeatureExchange()
+    features = exchange.gather(local).detach().requires_grad_(True)  # (N, D)
+    result = head(features)
+    backward(result.loss)  # head grads and dL/dZ
+    rng_after_head = _rng_state(device)
+    feature_grad = exchange.scatter(_grad_or_zeros(features))  # (n, D)
+    if keep_last:
+        torch.autograd.backward(last_features, feature_grad[slices[-1]])
+    for i, piece in enumerate(no_grad_slices):
+        rows = feature_grad[piece]  # (c, D)
+        if skip_zero_grad_chunks and not bool(rows.any()):
+            continue
+        _set_rng_state(chunk_rng_states[i], device)
+        chunk_features = encoder(instances[piece])  # (c, D)
+        torch.autograd.backward(chunk_features, rows)
+    _set_rng_state(rng_after_head, device)
+    return result.detach()
+
+
+def _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters) -> HeadResult:
+    """Phase 3 as the paper's code: per chunk, rerun the head with that chunk's graph."""
+    device = instances.device
+    features = torch.cat(parts)  # (N, D), no grad
+    head_rng = _rng_state(device)
+    result = head(features)  # features carry no grad: head grads only
+    backward(result.loss)
+    rng_after_head = _rng_state(device)
+    with _frozen_parameters(head_parameters):
+        for i, piece in enumerate(slices):
+            _set_rng_state(chunk_rng_states[i], device)
+            chunk_features = encoder(instances[piece])  # (c, D)
+            joined = torch.cat([features[: piece.start], chunk_features, features[piece.stop :]])  # (N, D)
+            _set_rng_state(head_rng, device)
+            backward(head(joined).loss)  # encoder grads only
+    _set_rng_state(rng_after_head, device)
+    return result.detach()
 
 
 def _plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
-def _logits(output: torch.Tensor | tuple) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+def _grad_or_zeros(features: torch.Tensor) -> torch.Tensor:
+    """dL/dZ; zeros when the loss did not depend on the features at all."""
+    return features.grad if features.grad is not None else torch.zeros_like(features)
 
 
-def _detached(output: torch.Tensor | tuple) -> torch.Tensor | tuple:
-    if isinstance(output, tuple):
-        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
-    return output.detach()
-
-
-def _has_active_dropout(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules()
-    )
+@torch.no_grad()
+def _empty_features(encoder: nn.Module, instances: torch.Tensor) -> torch.Tensor:
+    """(0, D) features for a process that holds no instance of the bag."""
+    return encoder(instances[:0])  # (0, D)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -190,8 +225,8 @@ def _no_running_stat_updates(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _frozen_parameters(module: nn.Module) -> Iterator[None]:
-    frozen = [p for p in module.parameters() if p.requires_grad]
+def _frozen_parameters(parameters: Iterable[torch.Tensor]) -> Iterator[None]:
+    frozen = [p for p in parameters if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:

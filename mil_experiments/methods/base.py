@@ -1,16 +1,24 @@
-"""`MILMethod`: the LightningModule every MIL method here builds on.
+"""`MILMethod`: the LightningModule every training method builds on.
 
-Manual optimization, one bag per training step: `backward_bag` (the only thing a method
-must provide) fills the gradients of one bag, scaled by 1/`bags_per_step`, and the
-optimizer steps every `bags_per_step` bags. Validation and test encode each bag without
-gradients (a chunk at a time, so bags of any size fit) and compute the papers' metrics.
-Per-epoch metrics are gathered at the end of validation (train and validation of one
-epoch together), logged once, and kept in `history`.
+A method says what is trained and how the loss is formed; it owns an encoder, an
+aggregator (`mil_experiments.models.aggregator`) and a gradient engine
+(`mil_experiments.engine`), and never knows which engine or aggregator it was given.
+Manual optimization, one bag per training step:
+
+- `training_bag` may change the bag first (within-bag sampling);
+- the engine fills the gradients of the head's loss (`loss_terms`, summed; each term is
+  logged as `train/loss_<term>`), scaled by 1/`bags_per_step`;
+- the optimizer steps every `bags_per_step` bags, then `on_after_optimizer_step` runs (an
+  EMA teacher updates there); the LR scheduler steps per epoch.
+
+Evaluation goes through `mil_experiments.evaluation` on whole bags: `encode_for_evaluation`
+and `predict`, so multi-level and multi-head models are evaluated by the same code.
+Per-epoch metrics are logged with Lightning (`self.log_dict`); callbacks read them from
+`trainer.callback_metrics`.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -19,222 +27,218 @@ import torch
 from torch import nn
 
 from mil_experiments.bag import Bag
-from mil_experiments.engine import encode_in_chunks
-from mil_experiments.metrics import bag_metrics, multi_pass_instance_auc
-from mil_experiments.sampling import SamplingConfig, count_test_passes, draw_positions
+from mil_experiments.data.description import DataDescription
+from mil_experiments.engine import GradientEngine, HeadResult, encode_in_chunks
+from mil_experiments.errors import ConfigError
+from mil_experiments.evaluation import (
+    BagEvaluation,
+    evaluate_bag,
+    predicted_label,
+    probabilities,
+    test_metrics,
+    validation_metrics,
+)
+from mil_experiments.methods.optimization import (
+    STEP_SCHEDULES,
+    OptimizerConfig,
+    SchedulerConfig,
+    build_optimizer,
+    build_scheduler,
+    step_now,
+)
+from mil_experiments.metrics import log_values
+from mil_experiments.models.aggregator import Aggregator, AggregatorOutput, bag_loss
+from mil_experiments.sampling import SamplingConfig, count_test_passes
+
+BINARY_HEADS = ("one_logit", "two_logits")
 
 
-@dataclass
-class OptimizerConfig:
-    """Adam settings (the papers' code uses Adam for every data set)."""
-
-    lr: float = 5e-5
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-
-
-@dataclass
-class AggregatorConfig:
-    """Attention pooling settings; the input dimension comes from the encoder."""
-
-    attention_dim: int = 128
-    gated: bool = False
-    dropout: float = 0.0
-
-
-STEP_SCHEDULES = ("modulo", "every_k")
-
-
-class MILMethod(L.LightningModule, ABC):
-    """Shared training, evaluation and logging of MIL methods.
+class MILMethod(L.LightningModule):
+    """Supervised bag classification; the base of every method.
 
     Args:
         config: the method's validated config (`conf/method/<name>.yaml`).
         encoder: instance encoder with an `out_dim` attribute.
-        num_classes: number of bag classes (2 = binary, one logit with BCE).
-        alpha: percent of a bag's instances forwarded at once (top-level `alpha`).
+        aggregator: features -> `AggregatorOutput`, built for `output_count(config, classes)` outputs.
+        engine: how one bag's gradients are produced.
+        data: the description of the data (classes, instance shape, levels).
         sampling: within-bag sampling at training and inference (top-level `sampling`).
     """
 
     @dataclass
     class Config:
-        name: str = "abmil"
-        aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+        name: str = "supervised"
         optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+        scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
         bags_per_step: int = 1
-        # "modulo": step when batch_idx % bags_per_step == 0, as the paper's code does (the
-        # first step comes after one bag; the last bags' gradients carry into the next
-        # epoch). "every_k": step after every bags_per_step bags and at the epoch's end.
+        # "modulo": step when batch_idx % bags_per_step == 0 (the ACC paper's code);
+        # "every_k": after every bags_per_step bags and at the epoch's end.
         step_schedule: str = "modulo"
         eval_chunk_size: int = 512
+        # Binary tasks: one logit with BCE (the ACC and sampling papers' code) or two
+        # logits with cross-entropy (ZoomMIL's and MHIM's code).
+        binary_head: str = "one_logit"
+
+        def check(self) -> None:
+            self.optimizer.check()
+            self.scheduler.check()
+            if self.step_schedule not in STEP_SCHEDULES:
+                raise ConfigError(f"method.step_schedule={self.step_schedule!r}: choose one of {STEP_SCHEDULES}")
+            if self.bags_per_step < 1:
+                raise ConfigError(f"method.bags_per_step={self.bags_per_step}: must be >= 1")
+            if self.binary_head not in BINARY_HEADS:
+                raise ConfigError(f"method.binary_head={self.binary_head!r}: choose one of {BINARY_HEADS}")
+
+    trains_on_samples: bool = False  # within-bag sampling at training (the `sampled` method)
 
     def __init__(
         self,
         config: Config,
         encoder: nn.Module,
-        num_classes: int,
-        alpha: float = 100.0,
+        aggregator: Aggregator,
+        engine: GradientEngine,
+        data: DataDescription,
         sampling: SamplingConfig | None = None,
     ) -> None:
         super().__init__()
         self.sampling = sampling or SamplingConfig()
-        self.sampling.check()
-        if self.sampling.train < 100 and not self.trains_on_samples:
-            raise ValueError(f"sampling.train={self.sampling.train:g} applies to method=abmil_sampl only (method={config.name})")
-        if config.step_schedule not in STEP_SCHEDULES:
-            raise ValueError(f"method.step_schedule={config.step_schedule!r}: choose one of {STEP_SCHEDULES}")
-        if config.bags_per_step < 1:
-            raise ValueError(f"method.bags_per_step={config.bags_per_step}: must be >= 1")
+        self.check_config(config, self.sampling)
         self.automatic_optimization = False
         self.config = config
-        self.num_classes = num_classes
-        self.alpha = alpha
+        self.data = data
+        self.num_classes = data.num_classes
+        self.n_outputs = self.output_count(config, data.num_classes)
         self.encoder = encoder
-        self.aggregator = self.build_aggregator(encoder.out_dim)
-        self.history: list[dict[str, float]] = []
-        self.last_epoch_metrics: dict[str, float] = {}
-        self.epoch_telemetry: dict[str, float] = {}
-        self.test_results: dict[str, float] = {}
-        self._train_records: list[tuple[float, int, int]] = []
-        self._eval_records: list[dict] = []
-        self._test_records: dict[float, list[dict]] = {}
+        self.aggregator = aggregator
+        self.engine = engine
+        self._train_records: list[tuple[float, int, int, dict[str, float]]] = []
+        self._val_looks: list[tuple[float, torch.Tensor, int, int]] = []
+        self._test_records: dict[float, list[BagEvaluation]] = {}
 
-    # --- what a method provides ---------------------------------------------------------
-    trains_on_samples: bool = False  # within-bag sampling at training (ABMIL-SAMPL)
+    @classmethod
+    def check_config(cls, config: Config, sampling: SamplingConfig) -> None:
+        """Raise ConfigError for settings this method refuses (before any data is built)."""
+        config.check()
+        if sampling.train < 100 and not cls.trains_on_samples:
+            raise ConfigError(
+                f"sampling.train={sampling.train:g} applies to within-bag sampling only"
+                f" (method=sampled or abmil_sampl; method={config.name})"
+            )
 
-    @abstractmethod
-    def build_aggregator(self, in_dim: int) -> nn.Module:
-        """The aggregator: (N, in_dim) features -> logits or (logits, attention, ...)."""
+    @staticmethod
+    def output_count(config: Config, num_classes: int) -> int:
+        """Logits the aggregator must produce: 1 for a binary task with one logit, else the classes."""
+        return 1 if num_classes == 2 and config.binary_head == "one_logit" else num_classes
 
-    @abstractmethod
-    def backward_bag(self, bag: Bag, loss_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulate the gradients of `loss_scale * loss(bag)`; return (loss, logits), detached."""
+    # --- what a method may override -----------------------------------------------------
+    def training_bag(self, bag: Bag) -> Bag:
+        """The bag a training step actually uses (the `sampled` method draws a sample)."""
+        return bag
 
-    # --- losses and predictions ---------------------------------------------------------
-    @property
-    def n_outputs(self) -> int:
-        return 1 if self.num_classes == 2 else self.num_classes
+    def loss_terms(self, output: AggregatorOutput, bag: Bag) -> dict[str, torch.Tensor]:
+        """Named loss terms of one bag, summed for the gradient: the bag loss and the aggregator's own terms."""
+        classification = bag_loss(output.logits, bag.label)
+        if output.bag_loss_weight != 1.0:
+            classification = output.bag_loss_weight * classification
+        return {"bag": classification, **output.aux_losses}
 
-    def bag_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """BCE on one logit for binary bags (the papers' loss), cross-entropy otherwise."""
-        if self.num_classes == 2:
-            return nn.functional.binary_cross_entropy_with_logits(logits.float(), label.float().reshape(1))
-        return nn.functional.cross_entropy(logits.float().reshape(1, -1), label.reshape(1))
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates (a teacher, say, is left out)."""
+        return [p for m in (self.encoder, self.aggregator) for p in m.parameters() if p.requires_grad]
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Positive-class probability (binary) or class probabilities."""
-        if self.num_classes == 2:
-            return torch.sigmoid(logits.float()).reshape(())
-        return torch.softmax(logits.float(), dim=-1)
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of everything after the encoder (frozen by the engine's recompute mode)."""
+        return list(self.aggregator.parameters())
 
-    def predicted_label(self, probability: torch.Tensor) -> int:
-        return int(probability >= 0.5) if self.num_classes == 2 else int(probability.argmax())
+    def on_after_optimizer_step(self) -> None:
+        """Runs after every optimizer step (an EMA teacher updates here)."""
+
+    def encode_for_evaluation(self, bag: Bag) -> Bag:
+        """The bag with its instances encoded without gradients, a chunk at a time."""
+        return bag.with_instances(encode_in_chunks(self.encoder, bag.instances, self.config.eval_chunk_size))  # (N, D)
+
+    def predict(self, bag: Bag) -> AggregatorOutput:
+        """The aggregator's output for an encoded bag, shape-checked."""
+        output = self.aggregator(bag.instances, target=None, levels=bag.levels)
+        return output.check(bag.size, self.n_outputs, f"aggregator {type(self.aggregator).__name__}")
+
+    def evaluation_loss(self, output: AggregatorOutput, bag: Bag) -> torch.Tensor:
+        """The loss reported at validation and test: the bag classification loss."""
+        return bag_loss(output.logits, bag.label)
 
     # --- training -----------------------------------------------------------------------
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        o = self.config.optimizer
-        return torch.optim.Adam(self.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    def head_for(self, bag: Bag):
+        """features -> `HeadResult` of `bag`: what the engine differentiates."""
+
+        def head(features: torch.Tensor) -> HeadResult:
+            output = self.aggregator(features, target=bag.label, levels=bag.levels)
+            output.check(features.shape[0], self.n_outputs, f"aggregator {type(self.aggregator).__name__}")
+            terms = self.loss_terms(output, bag)
+            values = list(terms.values())
+            loss = values[0]
+            for value in values[1:]:
+                loss = loss + value
+            return HeadResult(loss, terms, output)
+
+        return head
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.trainable_parameters(), self.config.optimizer)
+        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 1
+        scheduler = build_scheduler(optimizer, self.config.scheduler, max_epochs)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_train_epoch_start(self) -> None:
         self._train_records = []
 
     def training_step(self, bag: Bag, batch_idx: int) -> None:
-        k = self.config.bags_per_step
-        positions = draw_positions(self.sampling.train, bag.size)
-        if positions is not None:
-            bag = bag.subset(positions)
-        loss, logits = self.backward_bag(bag, loss_scale=1.0 / k)
-        predicted = self.predicted_label(self.probabilities(logits))
-        self._train_records.append((float(loss), predicted, int(bag.label)))
-        if self._step_now(batch_idx):
+        bag = self.training_bag(bag)
+        scale = 1.0 / self.config.bags_per_step
+        result = self.engine.backward_bag(
+            self.encoder,
+            self.head_for(bag),
+            bag.instances,
+            backward=lambda loss: self.manual_backward(loss * scale),
+            head_parameters=self.head_parameters(),
+        )
+        predicted = predicted_label(probabilities(result.output.logits, self.num_classes), self.num_classes)
+        self._train_records.append((float(result.loss), predicted, int(bag.label), {k: float(v) for k, v in result.terms.items()}))
+        if step_now(self.config.step_schedule, self.config.bags_per_step, batch_idx, self.trainer.num_training_batches):
             optimizer = self.optimizers()
             optimizer.step()
             optimizer.zero_grad()
+            self.on_after_optimizer_step()
 
-    def _step_now(self, batch_idx: int) -> bool:
-        k = self.config.bags_per_step
-        if self.config.step_schedule == "modulo":
-            return batch_idx % k == 0
-        return (batch_idx + 1) % k == 0 or batch_idx + 1 == self.trainer.num_training_batches
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
 
     # --- evaluation ---------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate_features(self, features: torch.Tensor, label: torch.Tensor) -> dict:
-        """Loss, probability and attention of one bag from its (N, D) features."""
-        output = self.aggregator(features)
-        logits = output[0] if isinstance(output, tuple) else output
-        attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        return {
-            "loss": float(self.bag_loss(logits, label)),
-            "probability": self.probabilities(logits).cpu(),
-            "attention": None if attention is None else attention.float().cpu().numpy(),
-        }
-
-    @torch.no_grad()
-    def evaluate_sampled(self, bag: Bag, percent: float, passes: int) -> dict:
-        """Evaluate `passes` samples of `percent`% of the bag (one whole pass at 100%).
-
-        The bag is encoded once, without gradients and a chunk at a time; each pass then
-        pools the features of its sample (in eval mode the encoder treats instances
-        independently, so this equals encoding every sample anew).
-
-        Returns the mean loss and probability over the passes, the majority-vote label,
-        per pass (positions, attention, predicted label) for the instance AUC, and the
-        passes' own results under "looks".
-        """
-        features = encode_in_chunks(self.encoder, bag.instances, self.config.eval_chunk_size)  # (N, D)
-        looks = []
-        for _ in range(passes):
-            positions = draw_positions(percent, bag.size)
-            if positions is None:
-                positions = torch.arange(bag.size)
-            result = self.evaluate_features(features[positions.to(features.device)], bag.label)  # (s, D) pooled
-            result["positions"] = positions.numpy()
-            result["predicted"] = self.predicted_label(result["probability"])
-            looks.append(result)
-        votes = np.bincount([r["predicted"] for r in looks], minlength=max(self.num_classes, 2))
-        majority = int(votes[1] >= 0.5 * len(looks)) if self.num_classes == 2 else int(votes.argmax())
-        return {
-            "loss": float(np.mean([r["loss"] for r in looks])),
-            "probability": torch.stack([r["probability"] for r in looks]).mean(0),
-            "predicted": majority,
-            "label": int(bag.label),
-            "instance_labels": None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
-            "passes": [(r["positions"], r["attention"], r["predicted"]) for r in looks],
-            "looks": looks,
-        }
-
     def on_validation_epoch_start(self) -> None:
-        self._eval_records = []
+        self._val_looks = []
 
     def validation_step(self, bag: Bag, batch_idx: int) -> None:
         repeats = self.sampling.val_repeats if self.sampling.inference < 100 else 1
-        result = self.evaluate_sampled(bag, self.sampling.inference, passes=repeats)
-        for look in result["looks"]:  # each repeat counts as one evaluation of the bag
-            self._eval_records.append({**look, "label": result["label"]})
+        result = evaluate_bag(self, bag, self.sampling.inference, passes=repeats)
+        self._val_looks += [(loss, p, q, result.label) for loss, p, q in result.looks]  # each repeat counts once
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        metrics = {"epoch": self.current_epoch}
+        metrics = {}
         if self._train_records:
-            losses, predicted, labels = zip(*self._train_records)
+            losses, predicted, labels, terms = zip(*self._train_records, strict=True)
             metrics["train/loss"] = float(np.mean(losses))
             metrics["train/error"] = float(np.mean(np.asarray(predicted) != np.asarray(labels)))
-        scores = self._bag_scores(self._eval_records)
-        metrics["val/loss"] = float(np.mean([r["loss"] for r in self._eval_records]))
-        metrics["val/error"] = scores["error"]
-        metrics["val/auc"] = scores["auc"]
-        metrics.update(self.epoch_telemetry)
-        self.last_epoch_metrics = metrics
-        self.history.append(metrics)
-        self.log_dict({k: float(v) for k, v in metrics.items() if k != "epoch"}, on_epoch=True)
-
-    def _bag_scores(self, records: list[dict]) -> dict[str, float]:
-        probabilities = torch.stack([r["probability"] for r in records])
-        labels = torch.tensor([r["label"] for r in records])
-        predicted = torch.tensor([r["predicted"] for r in records])
-        return bag_metrics(probabilities, labels, self.num_classes, predicted)
+            for name in terms[0]:
+                metrics[f"train/loss_{name}"] = float(np.mean([t[name] for t in terms]))
+        metrics.update(validation_metrics(self._val_looks, self.num_classes))
+        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        self.log_dict(log_values(metrics), on_epoch=True)
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(metrics["val/loss"])
 
     @property
     def test_percents(self) -> list[float]:
@@ -243,37 +247,17 @@ class MILMethod(L.LightningModule, ABC):
         return percents + [float(p) for p in self.sampling.test_inference if float(p) not in percents]
 
     def on_test_epoch_start(self) -> None:
-        self._test_records: dict[float, list[dict]] = {p: [] for p in self.test_percents}
+        self._test_records = {p: [] for p in self.test_percents}
 
     def test_step(self, bag: Bag, batch_idx: int) -> None:
         for percent, records in self._test_records.items():
-            passes = count_test_passes(percent, bag.size, self.sampling.test_looks)
-            records.append(self.evaluate_sampled(bag, percent, passes))
+            passes = count_test_passes(percent, bag.sampling_size, self.sampling.test_looks)
+            records.append(evaluate_bag(self, bag, percent, passes))
 
     def on_test_epoch_end(self) -> None:
         results: dict[str, float] = {}
         for i, (percent, records) in enumerate(self._test_records.items()):
             suffix = "" if i == 0 else f"@inference{percent:g}"
-            for key, value in self._test_metrics(records).items():
+            for key, value in test_metrics(records, self.num_classes).items():
                 results[key + suffix] = value
-        self.test_results = results
-        self.log_dict(results)
-
-    def _test_metrics(self, records: list[dict]) -> dict[str, float]:
-        scores = self._bag_scores(records)
-        results = {
-            "test/loss": float(np.mean([r["loss"] for r in records])),
-            "test/accuracy": scores["accuracy"],
-            "test/auc": scores["auc"],
-            "test/f1_weighted": scores["f1_weighted"],
-        }
-        if self.num_classes == 2:
-            predicted = torch.tensor([r["predicted"] for r in records], dtype=torch.float32)
-            labels = torch.tensor([r["label"] for r in records])
-            results["test/auc_hard_labels"] = bag_metrics(predicted, labels, 2)["auc"]  # the sampling paper's bag AUC
-            has_instances = all(r["instance_labels"] is not None and r["passes"][0][1] is not None for r in records)
-            if has_instances:
-                results["test/instance_auc"] = multi_pass_instance_auc(
-                    [r["passes"] for r in records], [r["instance_labels"] for r in records], [r["label"] for r in records]
-                )
-        return results
+        self.log_dict(log_values(results))

@@ -13,6 +13,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from mil_experiments.errors import ConfigError
+
+NORMS = ("batch", "group", "none")
+
 
 class LeNetEncoder(nn.Module):
     """The MNIST feature extractor of Ilse et al. (2018).
@@ -83,27 +87,52 @@ class IdentityEncoder(nn.Module):
 
 
 @dataclass
-class EncoderConfig:
-    """Schema of `conf/encoder/*.yaml`."""
+class LeNetConfig:
+    """`encoder=lenet`."""
 
     name: str = "lenet"
-    feature_dim: int = 500  # lenet only
-    norm: str = "batch"  # resnet only: batch | group | none
+    feature_dim: int = 500
+
+
+@dataclass
+class BottleneckResNetConfig:
+    """`encoder=resnet_bottleneck`: the output is 2048-d, fixed by the architecture."""
+
+    name: str = "resnet_bottleneck"
+    norm: str = "batch"  # batch | group | none
+
+
+@dataclass
+class IdentityConfig:
+    """`encoder=identity`: the feature dimension is read from the data."""
+
+    name: str = "identity"
+
+
+ENCODER_CONFIGS: dict[str, type] = {
+    "lenet": LeNetConfig,
+    "resnet_bottleneck": BottleneckResNetConfig,
+    "identity": IdentityConfig,
+}
+EncoderConfig = LeNetConfig | BottleneckResNetConfig | IdentityConfig
 
 
 def build_encoder(config: EncoderConfig, instance_shape: tuple[int, ...]) -> nn.Module:
-    """Build the encoder named by `config.name` for instances of `instance_shape`."""
-    if config.name == "identity":
+    """Build the encoder `config` describes for instances of `instance_shape`.
+
+    Raises ConfigError when the encoder does not fit the data.
+    """
+    if isinstance(config, IdentityConfig):
         if len(instance_shape) != 1:
-            raise ValueError(f"encoder=identity needs feature bags; instances have shape {tuple(instance_shape)}")
+            raise ConfigError(f"encoder=identity needs feature bags; instances have shape {tuple(instance_shape)}")
         return IdentityEncoder(instance_shape[0])
     if len(instance_shape) != 3:
-        raise ValueError(f"encoder={config.name} needs image bags (C, H, W); instances have shape {tuple(instance_shape)}")
+        raise ConfigError(f"encoder={config.name} needs image bags (C, H, W); instances have shape {tuple(instance_shape)}")
     channels, height, width = instance_shape
-    if config.name == "lenet":
+    if isinstance(config, LeNetConfig):
         if height != width:
-            raise ValueError(f"encoder=lenet needs square images; got {height}x{width}")
+            raise ConfigError(f"encoder=lenet needs square images; got {height}x{width}")
         return LeNetEncoder(channels, height, config.feature_dim)
-    if config.name == "resnet_bottleneck":
-        return BottleneckResNetEncoder(channels, config.norm)
-    raise ValueError(f"encoder.name={config.name!r}: choose lenet, resnet_bottleneck or identity")
+    if config.norm not in NORMS:
+        raise ConfigError(f"encoder.norm={config.norm!r}: choose one of {NORMS}")
+    return BottleneckResNetEncoder(channels, config.norm)

@@ -211,7 +211,7 @@ def _draw_nuclei(canvas: np.ndarray, rng: np.random.Generator, points: np.ndarra
     shift = 4  # sub-pixel precision for cv2 drawing
     centres = np.rint(points * 16).astype(np.int64).tolist()
     axes = np.maximum(1, np.rint(np.stack([radii, radii * ratios], axis=1) * 16)).astype(np.int64).tolist()
-    for centre, axis, angle, value in zip(centres, axes, angles.tolist(), values.tolist()):
+    for centre, axis, angle, value in zip(centres, axes, angles.tolist(), values.tolist(), strict=True):
         cv2.ellipse(canvas, centre, axis, angle, 0, 360, value, thickness=-1, lineType=cv2.LINE_AA, shift=shift)
 
 

@@ -1,0 +1,130 @@
+"""Model selection: which epoch's model gets tested, chosen from the logged validation metrics.
+
+`moving_average` (the gradient-accumulation and sampling papers' rule): once `window`
+epochs exist, the mean validation error over the last `window` epochs; whenever it is
+strictly lower than the best window so far, the epoch with the lowest validation error
+inside that window (the earliest on ties) is selected. The window is capped at
+`max_epochs`, so short runs select too. `best_val_loss`: the epoch of lowest validation
+loss. `last`: the last epoch.
+
+Memory stays bounded: the states an epoch could still be selected from are kept on disk
+(`checkpoints/candidates/`), and only those: an epoch followed inside the window by a
+strictly lower validation error can never be the argmin of a later window, so its state
+is dropped at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from mil_experiments.errors import ConfigError
+
+SELECTION_RULES = ("moving_average", "best_val_loss", "last")
+
+
+@dataclass
+class SelectionConfig:
+    """Schema of the top-level `selection:` key."""
+
+    rule: str = "moving_average"  # moving_average | best_val_loss | last
+    window: int = 15
+
+    def check(self) -> None:
+        if self.rule not in SELECTION_RULES:
+            raise ConfigError(f"selection.rule={self.rule!r}: choose one of {SELECTION_RULES}")
+        if self.window < 1:
+            raise ConfigError(f"selection.window={self.window}: must be >= 1")
+
+
+class ModelSelection(L.Callback):
+    """Choose the model that gets tested, and save it as `checkpoints/selected.ckpt`."""
+
+    def __init__(self, config: SelectionConfig, checkpoint_path: Path) -> None:
+        config.check()
+        self.config = config
+        self.checkpoint_path = Path(checkpoint_path)
+        self.candidates_dir = self.checkpoint_path.parent / "candidates"
+        self.window = config.window
+        self.selected_epoch: int | None = None
+        self.best_score = float("inf")
+        self._recent: list[tuple[int, float]] = []  # (epoch, val/error) of the last `window` epochs
+        self._candidates: list[tuple[int, float]] = []  # epochs that can still be selected, on disk
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.config.window
+        self.window = min(self.config.window, max_epochs)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/error" not in metrics:
+            return
+        self.observe(trainer.current_epoch, float(metrics["val/error"]), float(metrics["val/loss"]), pl_module)
+
+    def observe(self, epoch: int, val_error: float, val_loss: float, pl_module: torch.nn.Module) -> None:
+        """Take one epoch's validation metrics (and its model) into account."""
+        if self.config.rule == "moving_average":
+            self._recent = (self._recent + [(epoch, val_error)])[-self.window :]
+            self._keep_candidate(epoch, val_error, pl_module)
+            if len(self._recent) == self.window:
+                window_mean = float(np.mean([e for _, e in self._recent]))
+                if window_mean < self.best_score:
+                    self.best_score = window_mean
+                    best = int(np.argmin([e for _, e in self._recent]))
+                    self._select_candidate(self._recent[best][0], window_mean)
+        elif self.config.rule == "best_val_loss":
+            if val_loss < self.best_score:
+                self.best_score = val_loss
+                self._save(self.checkpoint_path, pl_module, epoch, val_loss)
+                self.selected_epoch = epoch
+        else:
+            self._save(self.checkpoint_path, pl_module, epoch, val_loss)
+            self.selected_epoch = epoch
+
+    def _keep_candidate(self, epoch: int, val_error: float, pl_module: torch.nn.Module) -> None:
+        oldest_in_window = self._recent[0][0]
+        keep = []
+        for e, error in self._candidates:
+            if e >= oldest_in_window and error <= val_error:
+                keep.append((e, error))
+            else:
+                self._candidate_path(e).unlink(missing_ok=True)
+        self._candidates = keep + [(epoch, val_error)]
+        self._save(self._candidate_path(epoch), pl_module, epoch, val_error)
+
+    def _select_candidate(self, epoch: int, score: float) -> None:
+        checkpoint = torch.load(self._candidate_path(epoch), map_location="cpu", weights_only=False)
+        checkpoint["selection_score"] = score
+        _atomic_save(checkpoint, self.checkpoint_path)
+        self.selected_epoch = epoch
+
+    def _candidate_path(self, epoch: int) -> Path:
+        return self.candidates_dir / f"epoch={epoch}.ckpt"
+
+    def _save(self, path: Path, pl_module: torch.nn.Module, epoch: int, score: float) -> None:
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        _atomic_save({"state_dict": state, "epoch": epoch, "selection_rule": self.config.rule, "selection_score": score}, path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        shutil.rmtree(self.candidates_dir, ignore_errors=True)
+        self._candidates = []
+
+    def restore_selected(self, pl_module: torch.nn.Module) -> None:
+        """Load the selected weights into `pl_module` (before testing)."""
+        if self.selected_epoch is None:
+            raise RuntimeError("no model was selected: did validation run during fit?")
+        checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        pl_module.load_state_dict(checkpoint["state_dict"])
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
