@@ -240,3 +240,21 @@ def test_skipped_feature_files_are_counted_in_results(bag_folder, tmp_path):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [s["slide_id"] for s in saved["skipped_files"]] == ["s3"] == [s["slide_id"] for s in results["skipped_files"]]
     assert "no feature file for slide s3" in saved["skipped_files"][0]["reason"]
+
+
+def test_only_the_requested_magnifications_are_read(tmp_path, monkeypatch):
+    features, coords, tumour = multi_mag(2, 4)
+    write_feature_file(tmp_path / "s.h5", features, coords, {"extractor": "x"}, tumour)
+    read = []
+    original = h5py.Dataset.__getitem__
+
+    def recording(self, key):
+        read.append(self.name)
+        return original(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+    slide = read_feature_file(tmp_path / "s.h5", [20.0])
+    assert slide.magnifications == [20.0]
+    assert read and all(name.startswith("/20.0x/") for name in read), read
+    with pytest.raises(DataError, match=r"no features at 40.0x \(the file holds \[2.5, 5.0, 20.0\]\)"):
+        read_feature_file(tmp_path / "s.h5", [20.0, 40.0])

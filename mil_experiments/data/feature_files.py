@@ -157,7 +157,7 @@ def read_feature_file(path: str | Path, magnifications: list[float] | None = Non
     if path.suffix == ".pt":
         result = _read_pt(path)
     elif path.suffix in (".h5", ".hdf5"):
-        result = _read_h5(path)
+        result = _read_h5(path, magnifications)
     else:
         raise DataError(f"{path}: unknown feature file type (expected {', '.join(FEATURE_EXTENSIONS)})")
     result = _select(result, magnifications)
@@ -185,12 +185,21 @@ def _read_pt(path: Path) -> SlideFeatures:
     return result
 
 
-def _read_h5(path: Path) -> SlideFeatures:
+def _only_wanted(available: dict[float, str], wanted: list[float] | None) -> dict[float, str]:
+    """The magnifications to read: only the wanted ones (levels are read lazily), or all when one is missing."""
+    if wanted is None:
+        return available
+    chosen = {m: key for m, key in available.items() if any(math.isclose(m, w, rel_tol=1e-6) for w in wanted)}
+    return chosen if len(chosen) == len(wanted) else available  # a missing one: `_select` names what the file has
+
+
+def _read_h5(path: Path, wanted: list[float] | None = None) -> SlideFeatures:
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
             groups = {float(_GROUP.match(k).group(1)): k for k in f.keys() if _GROUP.match(k) and isinstance(f[k], h5py.Group)}
             zoommil = {float(_ZOOMMIL.match(k).group(1)): k for k in f.keys() if _ZOOMMIL.match(k)}
+            groups, zoommil = _only_wanted(groups, wanted), _only_wanted(zoommil, wanted)
             if groups:
                 result = SlideFeatures(path=path, layout=LAYOUT, features={}, attrs=attrs)
                 for m, key in sorted(groups.items()):

@@ -108,6 +108,10 @@ class Aggregator(nn.Module):
     permutation_invariant: ClassVar[bool] = True
     multi_level: ClassVar[bool] = False
 
+    @dataclass
+    class Config:
+        """The aggregator's hyperparameters (none here); subclasses declare their own."""
+
     def __init__(self, in_dim: int, n_outputs: int) -> None:
         super().__init__()
         if in_dim < 1 or n_outputs < 1:
