@@ -75,6 +75,13 @@ class Telemetry(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_training_part(pl_module)
 
+    def state_dict(self) -> dict:
+        return {"total_train_seconds": self.total_train_seconds, "peak_saved_bytes": self.peak_saved_bytes,
+                "peak_cuda_bytes": self.peak_cuda_bytes, "bag_seconds": list(self.bag_seconds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def summary(self) -> dict[str, float]:
         """Totals over the whole fit, for results.json."""
         out = {
@@ -113,3 +120,15 @@ class EpochMetricsWriter(L.Callback):
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(c, "") for c in self.columns])
         self.rows += 1
+
+    def state_dict(self) -> dict:
+        return {"columns": self.columns, "rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: keep the rows of the epochs the checkpoint holds, drop any written after it."""
+        self.columns, self.rows = state["columns"], state["rows"]
+        if self.path.exists() and self.columns is not None:
+            with self.path.open(newline="") as f:
+                lines = list(csv.reader(f))
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerows(lines[: 1 + self.rows])

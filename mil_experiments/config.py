@@ -24,8 +24,11 @@ from mil_experiments.selection import SelectionConfig
 
 TOP_LEVEL_KEYS = {
     "dataset", "encoder", "aggregator", "method", "engine", "strategy", "trainer", "logger",
-    "seed", "alpha", "selection", "sampling", "telemetry",
+    "seed", "alpha", "selection", "sampling", "telemetry", "resume", "overwrite",
 }  # fmt: skip
+PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+MAX_SEED = 2**32 - 1
 STRATEGIES = ("single",)
 LOGGERS = ("wandb", "csv", "none")
 
@@ -60,6 +63,26 @@ class LoggerConfig:
 @dataclass
 class StrategyConfig:
     name: str = "single"
+
+
+def check_trainer(trainer: TrainerConfig) -> None:
+    """Trainer settings Lightning would only refuse (or loop on) after the data is built."""
+    if trainer.max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs={trainer.max_epochs}: must be >= 1 (a run must end to write its results)")
+    if str(trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={trainer.precision!r}: choose one of {PRECISIONS}")
+    if trainer.accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={trainer.accelerator!r}: choose one of {ACCELERATORS}")
+    if trainer.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={trainer.accelerator}: no CUDA GPU is available here; use trainer.accelerator=cpu")
+    if str(trainer.precision).startswith("16"):
+        import torch
+
+        if trainer.accelerator == "cpu" or not torch.cuda.is_available():
+            raise ConfigError(f"trainer.precision={trainer.precision}: float16 needs a CUDA GPU; on CPU use bf16-mixed or 32-true")
 
 
 @dataclass
@@ -159,6 +182,8 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}")
     seed = _scalar(cfg, "seed", int)
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed={seed}: must be in [0, {MAX_SEED}]")
     engine = _engine(cfg)
     dataset_class = _target_class(cfg.dataset, "dataset")
     aggregator_class = _target_class(cfg.aggregator, "aggregator")
@@ -190,5 +215,6 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     validated.selection.check()
+    check_trainer(validated.trainer)
     method_class.check_config(validated.method, validated.sampling)
     return validated

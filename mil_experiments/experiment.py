@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from mil_experiments.callbacks import EpochMetricsWriter, Telemetry
 from mil_experiments.config import ValidatedConfig, validate
@@ -46,6 +48,8 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
             f" {list(data.magnifications)}: choose one (e.g. dataset.magnifications=[{data.magnifications[-1]}])"
         )
     encoder = build_encoder(checked.encoder, data.instance_shape)
+    if getattr(checked.dataset, "bag_size", None) == 1 and any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules()):
+        raise ConfigError("dataset.bag_size=1 with batch norm: training needs at least 2 instances per forward; use encoder.norm=group or none")
     n_outputs = checked.method_class.output_count(checked.method, data.num_classes)
     aggregator = aggregator_class(in_dim=encoder.out_dim, n_outputs=n_outputs, **vars(checked.aggregator))
     method = checked.method_class(
@@ -77,14 +81,16 @@ def build_trainer(experiment: Experiment) -> tuple[L.Trainer, RunCallbacks]:
         ModelSelection(c.selection, out / "checkpoints" / "selected.ckpt"),
         EpochMetricsWriter(out / "metrics.csv"),
     )
-    callbacks = [parts.telemetry, parts.selection, parts.metrics_writer]
+    # The full training state at the end of every epoch, for `resume=<run folder>`.
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
+    callbacks = [parts.telemetry, parts.selection, parts.metrics_writer, last]
     trainer_kwargs = {k: v for k, v in vars(c.trainer).items() if v is not None}
     trainer = L.Trainer(
         **trainer_kwargs,
         callbacks=callbacks,
         logger=build_loggers(experiment),
         default_root_dir=str(out),
-        enable_checkpointing=False,
+        enable_checkpointing=True,
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
@@ -101,6 +107,8 @@ def build_loggers(experiment: Experiment) -> list:
         return [L.pytorch.loggers.CSVLogger(save_dir=str(out), name="lightning_csv", version="")]
     from lightning.pytorch.loggers import WandbLogger
 
+    if c.mode == "online":
+        _check_wandb_online()
     logger = WandbLogger(
         project=c.project,
         entity=c.entity,
@@ -109,5 +117,34 @@ def build_loggers(experiment: Experiment) -> list:
         mode=c.mode,
         tags=list(c.tags),
         config=OmegaConf.to_container(experiment.cfg, resolve=True),
+        settings=_wandb_settings(c.mode),
     )
+    if c.mode == "online":
+        try:
+            logger.experiment  # noqa: B018  (starts the run now, not in the middle of training)
+        except Exception as error:  # wandb raises its own CommError / UsageError / TimeoutError types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"logger.mode=online: W&B could not start a run ({first}); use logger.mode=offline and `wandb sync` later") from None
     return [logger]
+
+
+def _check_wandb_online() -> None:
+    """logger.mode=online needs credentials; without them wandb fails late with a long traceback."""
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    raise ConfigError("logger.mode=online: no W&B credentials (run `wandb login` or set WANDB_API_KEY); or use logger.mode=offline")
+
+
+def _wandb_settings(mode: str):
+    """Online: give up on an unreachable server after 30 s (wandb's own wait is about 90 s)."""
+    import wandb
+
+    return wandb.Settings(init_timeout=30) if mode == "online" else None

@@ -74,8 +74,11 @@ def write_summary(sweep_dir: Path) -> Path | None:
         results_file = job_dir / "results.json"
         if results_file.exists():
             rows.append({"job": job_dir.name, "status": "ok", **flatten(json.loads(results_file.read_text()))})
+        elif (job_dir / "failure.json").exists():
+            failure = json.loads((job_dir / "failure.json").read_text())
+            rows.append({"job": job_dir.name, "status": "failed", "reason": failure.get("reason", "")})
         elif (job_dir / ".hydra").exists():
-            rows.append({"job": job_dir.name, "status": "failed"})
+            rows.append({"job": job_dir.name, "status": "failed", "reason": "stopped before it finished (no results.json)"})
     if not rows:
         return None
     columns: list[str] = []

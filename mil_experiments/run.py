@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mil_experiments.errors import ConfigError, DataError
@@ -14,21 +20,72 @@ from mil_experiments.errors import ConfigError, DataError
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
-    """Fit with model selection, test the selected model, write results.json; return it."""
+RUN_FILES = ("results.json", "metrics.csv", "config.yaml", "checkpoints")
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what SLURM and `timeout` expect
+
+
+class RunInterrupted(RuntimeError):
+    """The run was stopped by SIGTERM; what it wrote is kept and it can be resumed."""
+
+
+@dataclass
+class SweepState:
+    """What a multirun's jobs leave for the end of the sweep (jobs run in this process)."""
+
+    sweep_dir: Path | None = None
+    failed: list[str] = field(default_factory=list)
+
+
+SWEEP = SweepState()
+
+
+def prepare_run_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds another run's files, unless told to overwrite them."""
+    held = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{output_dir}: already holds a run ({', '.join(held)}); resume it with resume={output_dir},"
+            " choose another hydra.run.dir, or pass overwrite=true"
+        )
+    for name in held:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
+    """Fit with model selection, test the selected model, write results.json; return it.
+
+    With `resume`, training continues from `<output_dir>/checkpoints/last.ckpt` (the
+    model, optimizer, scheduler, loops, selection state and random state of the last
+    finished epoch); the final results equal those of an uninterrupted run.
+    """
     from mil_experiments.experiment import build_experiment, build_trainer
     from mil_experiments.results import package_versions, write_results
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))
     experiment = build_experiment(cfg, output_dir)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer, callbacks = build_trainer(experiment)
+    finished = False
     try:
-        trainer.fit(experiment.method, datamodule=experiment.datamodule)
+        # The checkpoint is this run's own (it holds numpy and Python random states too).
+        trainer.fit(experiment.method, datamodule=experiment.datamodule,
+                    ckpt_path=str(output_dir / LAST_CHECKPOINT) if resume else None, weights_only=False)
         callbacks.selection.restore_selected(experiment.method)
         (test,) = trainer.test(experiment.method, datamodule=experiment.datamodule, verbose=False)
+        finished = True
+    except SIGTERMException:
+        raise RunInterrupted(
+            f"stopped by SIGTERM after {callbacks.metrics_writer.rows} epochs; continue with resume={output_dir}"
+        ) from None
     finally:
-        _close_wandb()
+        _close_wandb(exit_code=0 if finished else 1)
     method = experiment.method
     checked = experiment.checked
     telemetry = callbacks.telemetry.summary()
@@ -62,22 +119,83 @@ def train_and_test(cfg: DictConfig, output_dir: Path) -> dict:
     return results
 
 
-def _close_wandb() -> None:
-    """Finish the W&B run of this job, also when it failed (each multirun job is its own run)."""
+def _close_wandb(exit_code: int = 0) -> None:
+    """Finish the W&B run of this job, marked failed when it did not finish (each multirun job is its own run)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
+
+
+def resumed_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
+    """The saved config of the run in `run_dir`, checked that it can be resumed."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"resume={run_dir}: no config.yaml there (not a run folder)")
+    if (run_dir / "results.json").exists():
+        raise ConfigError(f"resume={run_dir}: that run already finished (results.json exists)")
+    if not (run_dir / LAST_CHECKPOINT).is_file():
+        raise ConfigError(f"resume={run_dir}: no {LAST_CHECKPOINT} (the run ended before its first epoch did); start it again")
+    others = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra."))]
+    if others:
+        raise ConfigError(f"resume= continues the run with its own config; drop the other overrides {others}")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved.resume = None
+    return saved
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove a folder Hydra made for this run if the run wrote nothing into it."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _record_failure(job_dir: Path, error: BaseException) -> str:
+    """A failed multirun job: its one-line reason in failure.json (and the traceback beside it)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(error, (ConfigError, DataError)):
+        reason = f"{type(error).__name__}: {reason}"
+        (job_dir / "traceback.txt").write_text("".join(traceback.format_exception(error)))
+    (job_dir / "failure.json").write_text(json.dumps({"status": "failed", "reason": reason}, indent=2))
+    return reason
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """`python -m mil_experiments [overrides]`; bad input exits with one line and status 2."""
+    """`python -m mil_experiments [overrides]`.
+
+    A single run: bad input exits with one line and status 2, SIGTERM with status 143.
+    A multirun job never ends the sweep: it is recorded as failed (failure.json, one
+    line) and the sweep goes on; `__main__` exits with the number of failed jobs.
+    """
     from mil_experiments.results import format_table
 
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        SWEEP.sweep_dir = Path(hydra_cfg.sweep.dir)
     try:
-        results = train_and_test(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError) as error:
+        if cfg.get("resume"):
+            run_dir = Path(str(cfg.resume))
+            saved = resumed_config(run_dir, cfg)
+            _remove_if_empty(output_dir)
+            results = train_and_test(saved, run_dir, resume=True)
+        else:
+            results = train_and_test(cfg, output_dir)
+    except RunInterrupted as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT)
+    except Exception as error:
+        if multirun:
+            reason = _record_failure(output_dir, error)
+            SWEEP.failed.append(f"{output_dir.name}: {reason}")
+            print(f"error: job {output_dir.name} failed: {reason}", file=sys.stderr)
+            return None
+        if not isinstance(error, (ConfigError, DataError)):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        if not cfg.get("resume"):
+            _remove_if_empty(output_dir)
         sys.exit(2)
     print("\nResults\n" + format_table(results))
     return results["test"].get("test/accuracy")

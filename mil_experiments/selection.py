@@ -110,6 +110,16 @@ class ModelSelection(L.Callback):
         state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         _atomic_save({"state_dict": state, "epoch": epoch, "selection_rule": self.config.rule, "selection_score": score}, path)
 
+    def state_dict(self) -> dict:
+        return {"window": self.window, "selected_epoch": self.selected_epoch, "best_score": self.best_score,
+                "recent": list(self._recent), "candidates": list(self._candidates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: the moving-average window and the candidates (their states are on disk)."""
+        self.window, self.selected_epoch, self.best_score = state["window"], state["selected_epoch"], state["best_score"]
+        self._recent = [tuple(r) for r in state["recent"]]
+        self._candidates = [tuple(c) for c in state["candidates"]]
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         shutil.rmtree(self.candidates_dir, ignore_errors=True)
         self._candidates = []

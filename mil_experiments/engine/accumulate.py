@@ -28,7 +28,8 @@ had been processed once.
 
 Batch norm: both passes normalise a chunk with the chunk's statistics, so with batch norm
 in train mode the result is the exact gradient of the "chunk-BN" network, not of a
-full-bag BN forward (as in the paper's code).
+full-bag BN forward (as in the paper's code). With batch norm in train mode the chunks are
+balanced (13 instances at 4 -> 4, 3, 3, 3), so no chunk holds a single instance.
 """
 
 from __future__ import annotations
@@ -121,7 +122,10 @@ def accumulate_gradients(
     backward = backward or _plain_backward
     device = instances.device
     n = instances.shape[0]
-    slices = chunk_slices(n, chunk_size) if n else []
+    batch_norm = _batch_norm_in_training(encoder)
+    if batch_norm and n == 1:
+        raise ValueError("a bag of 1 instance: batch norm in training needs at least 2 per forward (use group norm or none)")
+    slices = chunk_slices(n, chunk_size, balanced=batch_norm) if n else []
     if len(slices) == 1 and exchange is None:
         result = head(encoder(instances))  # (N, D) features with their graph
         backward(result.loss)
@@ -179,6 +183,10 @@ def _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backwa
             backward(head(joined).loss)  # encoder grads only
     _set_rng_state(rng_after_head, device)
     return result.detach()
+
+
+def _batch_norm_in_training(module: nn.Module) -> bool:
+    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
 
 
 def _plain_backward(loss: torch.Tensor) -> None:

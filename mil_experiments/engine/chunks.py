@@ -13,11 +13,22 @@ def chunk_size_for_alpha(alpha: float, bag_size: int) -> int:
     return max(1, math.ceil(alpha * bag_size / 100))
 
 
-def chunk_slices(n: int, chunk_size: int) -> list[slice]:
-    """Consecutive slices of at most `chunk_size` covering range(n)."""
+def chunk_slices(n: int, chunk_size: int, balanced: bool = False) -> list[slice]:
+    """Consecutive slices of at most `chunk_size` covering range(n).
+
+    `balanced`: the same number of chunks, ceil(n / chunk_size), with sizes that differ by
+    at most one (13 at 4 -> 4, 3, 3, 3 instead of 4, 4, 4, 1), so that batch norm never
+    sees a chunk of a single instance when it can be avoided.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    if not balanced:
+        return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    count = math.ceil(n / chunk_size)
+    small, extra = divmod(n, count) if count else (0, 0)
+    sizes = [small + 1] * extra + [small] * (count - extra)
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [slice(start, start + size) for start, size in zip(starts, sizes, strict=True)]
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 
 from mil_experiments.bag import Bag
@@ -165,6 +166,15 @@ class MILMethod(L.LightningModule):
     def evaluation_loss(self, output: AggregatorOutput, bag: Bag) -> torch.Tensor:
         """The loss reported at validation and test: the bag classification loss."""
         return bag_loss(output.logits, bag.label)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The random state too, so that a resumed run draws what the uninterrupted one would."""
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
 
     # --- training -----------------------------------------------------------------------
     def head_for(self, bag: Bag):
