@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from mil_experiments.data.wsi.masks import read_tumour_mask  # noqa: E402
 from mil_experiments.data.wsi.readers import open_slide  # noqa: E402
-from mil_experiments.data.wsi.synthetic import read_tumour_mask  # noqa: E402
 from mil_experiments.errors import ConfigError, DataError  # noqa: E402
 
 USAGE = "usage: attention_heatmap.py run=<run dir> slides_dir=<dir> out=<png> [masks_dir=<dir>] [slide=<id>] [reader=tiffslide] [thumbnail_downsample=16]"

@@ -4,7 +4,7 @@
     python scripts/extract_features.py slides_dir=/data/wsi out_dir=/data/features tile_size=256
 
 Config: `conf/extract/config.yaml` (and `conf/extract/encoder/`). See
-`mil_experiments.extraction` for what is written.
+`mil_experiments.data.wsi.extraction` for what is written.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mil_experiments.data.wsi.extraction import ExtractionConfig, run_extraction
 from mil_experiments.errors import ConfigError, DataError
-from mil_experiments.extraction import ExtractionConfig, run_extraction
 
 
 def checked_config(cfg: DictConfig) -> ExtractionConfig:

@@ -204,8 +204,8 @@ def test_invalid_files_raise_or_are_skipped_and_counted(bag_folder, caplog):
 # --- one epoch of ABMIL on extracted feature bags, through the real config ---------------------
 def test_abmil_trains_on_extracted_feature_bags(tmp_path):
     from mil_experiments.api import compose_config
+    from mil_experiments.data.wsi.extraction import ExtractionConfig, run_extraction
     from mil_experiments.data.wsi.synthetic import CohortConfig, SyntheticSlideConfig, make_cohort
-    from mil_experiments.extraction import ExtractionConfig, run_extraction
     from mil_experiments.run import train_and_test
 
     slides = tmp_path / "cohort"

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from mil_experiments.data.feature_files import read_feature_file
-from mil_experiments.data.wsi.synthetic import CohortConfig, SyntheticSlideConfig, make_cohort
-from mil_experiments.errors import ConfigError, DataError
-from mil_experiments.extraction import (
+from mil_experiments.data.wsi.extraction import (
     ExtractionConfig,
     ExtractionEncoderConfig,
     build_extraction_encoder,
     extractor_name,
     run_extraction,
 )
+from mil_experiments.data.wsi.synthetic import CohortConfig, SyntheticSlideConfig, make_cohort
+from mil_experiments.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")

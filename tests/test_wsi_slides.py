@@ -8,6 +8,7 @@ import csv
 import numpy as np
 import pytest
 
+from mil_experiments.data.wsi.masks import read_tumour_mask, tumour_mask_path
 from mil_experiments.data.wsi.readers import base_magnification, open_slide
 from mil_experiments.data.wsi.synthetic import (
     CohortConfig,
@@ -15,9 +16,7 @@ from mil_experiments.data.wsi.synthetic import (
     cohort_plan,
     generate_slide,
     make_cohort,
-    read_tumour_mask,
     slide_rng,
-    tumour_mask_path,
 )
 from mil_experiments.errors import ConfigError, DataError
 

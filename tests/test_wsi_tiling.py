@@ -7,15 +7,14 @@ import cv2
 import numpy as np
 import pytest
 
+from mil_experiments.data.wsi.masks import read_tumour_mask, tumour_mask_path
 from mil_experiments.data.wsi.readers import open_slide
 from mil_experiments.data.wsi.synthetic import (
     CohortConfig,
     SyntheticSlideConfig,
     generate_slide,
     make_cohort,
-    read_tumour_mask,
     slide_rng,
-    tumour_mask_path,
 )
 from mil_experiments.data.wsi.tiling import (
     check_magnifications,

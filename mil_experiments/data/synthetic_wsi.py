@@ -23,8 +23,9 @@ from torch.utils.data import Dataset
 from mil_experiments.bag import Bag
 from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.data.slide_splits import SPLITS, read_labels, read_splits
+from mil_experiments.data.wsi.masks import read_tumour_mask, tumour_mask_path
 from mil_experiments.data.wsi.readers import open_slide
-from mil_experiments.data.wsi.synthetic import CohortConfig, make_cohort, read_tumour_mask, tumour_mask_path
+from mil_experiments.data.wsi.synthetic import CohortConfig, make_cohort
 from mil_experiments.data.wsi.tiling import (
     MultiMagnificationTiling,
     mask_fraction_per_tile,

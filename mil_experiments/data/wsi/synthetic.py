@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from mil_experiments.data.wsi.masks import tumour_mask_path
 from mil_experiments.errors import ConfigError
 
 STROMA_RGB = np.array([226.0, 160.0, 200.0], dtype=np.float32)
@@ -345,19 +346,6 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray, cfg: SyntheticSlid
             if i + 1 < cfg.pyramid_levels:
                 size = (max(1, level.shape[1] // 2), max(1, level.shape[0] // 2))
                 level = cv2.resize(level, size, interpolation=cv2.INTER_AREA)
-
-
-def tumour_mask_path(root: str | Path, slide_id: str) -> Path:
-    """Where a cohort keeps the ground-truth tumour mask of `slide_id`."""
-    return Path(root) / "masks" / f"{slide_id}.png"
-
-
-def read_tumour_mask(path: str | Path) -> np.ndarray:
-    """Read a saved tumour mask as a (h, w) bool array."""
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise FileNotFoundError(f"{path}: tumour mask missing or unreadable")
-    return mask > 127
 
 
 @dataclass

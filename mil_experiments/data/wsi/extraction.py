@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mil_experiments.data.feature_files import write_feature_file
+from mil_experiments.data.wsi.masks import read_tumour_mask
 from mil_experiments.data.wsi.readers import open_slide
-from mil_experiments.data.wsi.synthetic import read_tumour_mask
 from mil_experiments.data.wsi.tiling import (
     MultiMagnificationTiling,
     check_magnifications,
