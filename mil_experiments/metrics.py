@@ -84,10 +84,13 @@ def multi_pass_instance_auc(
 ) -> float:
     """Instance AUC when each bag is seen in several sampled passes (published evaluation).
 
-    Per pass the attention is min-max normalised. For each instance: its majority
-    predicted bag label over the passes that saw it is 1 iff the count of label-1 passes
-    exceeds round(n / 2); its score is the mean weight over the passes whose label equals
-    that majority. An instance never sampled scores 0 with majority label 0.
+    Per pass the attention is min-max normalised, and an instance drawn several times in
+    one pass (sampling with replacement) counts as one look of that pass, as in the
+    published code (its copies have the same features, hence the same weight; the first
+    is kept). For each instance: its majority predicted bag label over the passes that
+    saw it is 1 iff the count of label-1 passes exceeds round(n / 2); its score is the
+    mean weight over the passes whose label equals that majority. An instance never
+    sampled scores 0 with majority label 0.
 
     Args:
         passes: per bag, a list of (instance positions (s,), attention (s,), predicted
@@ -96,12 +99,14 @@ def multi_pass_instance_auc(
         bag_labels: true bag labels; only positive bags count.
     """
     aucs = []
-    for bag_passes, labels, bag_label in zip(passes, instance_labels, bag_labels):
+    for bag_passes, labels, bag_label in zip(passes, instance_labels, bag_labels, strict=True):
         if bag_label != 1:
             continue
         seen: dict[int, list[tuple[float, int]]] = defaultdict(list)
         for positions, weights, predicted in bag_passes:
-            for position, weight in zip(positions, minmax_normalise(np.asarray(weights, dtype=np.float64))):
+            distinct, first = np.unique(np.asarray(positions), return_index=True)  # one look per pass
+            normalised = minmax_normalise(np.asarray(weights, dtype=np.float64)[first])  # (distinct,)
+            for position, weight in zip(distinct, normalised, strict=True):
                 seen[int(position)].append((float(weight), int(predicted)))
         scores = np.zeros(len(labels))
         majority = np.zeros(len(labels), dtype=bool)

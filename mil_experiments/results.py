@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("mil_experiments", "torch", "torchvision", "lightning", "hydra-core", "torchmetrics", "numpy")
 
@@ -21,10 +25,22 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def finite_or_none(value: object, key: str = "") -> object:
+    """The results with every NaN / infinity replaced by None (strict JSON `null`), each warned about by name."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        log.warning("%s is undefined (%s): written as null. An AUC is undefined when the set holds one class.", key, value)
+        return None
+    return value
+
+
 def write_results(path: Path, results: dict) -> None:
-    """Write results.json, atomically (a failed write never leaves half a file)."""
+    """Write results.json as strict JSON (undefined metrics are null), atomically (never half a file)."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False, default=float))
+    tmp.write_text(json.dumps(finite_or_none(results), indent=2, sort_keys=False, default=float, allow_nan=False))
     tmp.replace(path)
 
 
@@ -35,9 +51,9 @@ def format_table(results: dict) -> str:
         ("method", _method_line(results)),
         ("dataset", results["dataset"]),
         ("selected epoch", str(results["selection"]["selected_epoch"])),
-        ("test bag accuracy", f"{test['test/accuracy']:.3f}"),
-        ("test bag AUC", f"{test['test/auc']:.3f}"),
-        ("test instance AUC", f"{test['test/instance_auc']:.3f}" if "test/instance_auc" in test else "n/a"),
+        ("test bag accuracy", _number(test.get("test/accuracy"))),
+        ("test bag AUC", _number(test.get("test/auc"))),
+        ("test instance AUC", _number(test.get("test/instance_auc"))),
         ("train time", f"{results['time']['train_seconds']:.1f} s ({results['time']['seconds_per_bag'] * 1000:.1f} ms/bag)"),
         ("peak saved activations", f"{results['memory']['peak_saved_activations_mb']:.2f} MB"),
     ]
@@ -46,6 +62,12 @@ def format_table(results: dict) -> str:
     rows.append(("run folder", results["run_dir"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if math.isfinite(value) else "n/a (undefined: one class in the test set)"
 
 
 def _method_line(results: dict) -> str:

@@ -143,7 +143,9 @@ def test_split_files_and_kfold(tmp_path):
     with pytest.raises(DataError, match="bad.csv:2: split 'training' is not one of train, val, test"):
         read_splits(tmp_path / "bad.csv")
     (tmp_path / "labels.csv").write_text("slide_id,type\na,tumour\nb,normal\n")
-    assert read_labels(tmp_path / "labels.csv", "type") == ({"a": 1, "b": 0}, ["normal", "tumour"])
+    assert read_labels(tmp_path / "labels.csv", "type", ["normal", "tumour"]) == ({"a": 1, "b": 0}, ["normal", "tumour"])
+    with pytest.raises(DataError, match=r"labels.csv:2: slide a: label 'tumour' is not an integer; declare text classes"):
+        read_labels(tmp_path / "labels.csv", "type")
     (tmp_path / "gap.csv").write_text("slide_id,label\na,1\nb,2\n")
     with pytest.raises(DataError, match="integer labels must be 0..C-1"):
         read_labels(tmp_path / "gap.csv")
@@ -186,19 +188,19 @@ def test_datamodule_builds_multi_magnification_bags(bag_folder):
 
 def test_invalid_files_raise_or_are_skipped_and_counted(bag_folder, caplog):
     features, coords, _ = multi_mag(2, 9)  # dimension 9, not 8
-    write_feature_file(bag_folder / "s1.h5", features, coords, {})
+    write_feature_file(bag_folder / "s4.h5", features, coords, {})
+    with pytest.raises(DataError, match="s4.h5: features of dimension 9 .* the other files have dimension 8"):
+        datamodule(bag_folder).setup()
     (bag_folder / "s3.h5").unlink()
     with pytest.raises(DataError, match="no feature file for slide s3"):
         datamodule(bag_folder).setup()
     torch.save(torch.ones(3, 8), bag_folder / "s3.pt")  # a .pt with no magnification
-    with pytest.raises(DataError, match="s1.h5: features of dimension 9 .* the other files have dimension 8"):
-        datamodule(bag_folder).setup()
     with caplog.at_level(logging.WARNING):
         dm = datamodule(bag_folder, skip_invalid=True)
         dm.setup()
-    assert sorted(s["slide_id"] for s in dm.skipped) == ["s1", "s3"]
+    assert sorted(s["slide_id"] for s in dm.skipped) == ["s3", "s4"]
     assert "skipped 2 slides" in caplog.text
-    assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [1, 1, 2]
+    assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [2, 1, 1]
 
 
 # --- one epoch of ABMIL on extracted feature bags, through the real config ---------------------

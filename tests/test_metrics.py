@@ -78,3 +78,21 @@ def test_weighted_f1_uses_supports():
     m = bag_metrics(probabilities, labels, num_classes=2)
     # Predicted [1,1,1,0]. Class 1: P=2/3, R=1 -> F1=0.8. Class 0: P=1, R=1/2 -> F1=2/3. Weighted (2,2): 0.7333.
     assert m["f1_weighted"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_multi_pass_instance_auc_counts_one_look_per_pass_for_repeated_draws():
+    """Regression: an instance drawn three times in one pass counted as three looks (official code: one).
+
+    Instance 1 (the key) is seen in passes A, C, D (predicted positive) and three times in pass B
+    (predicted negative). One look per pass: 3 of 4 looks positive > round(4 / 2), so its majority is
+    positive and its score is ~1; instance 0 (majority positive, score 0) is a false positive only at
+    threshold 0; instance 2 has a negative majority. TPR = 1 up to 0.999, FPR = 1/2 at 0 only: AUC 0.5.
+    Counting B three times gives 3 of 6 looks, a negative majority and AUC 0.
+    """
+    passes = [
+        (np.array([1, 0]), np.array([0.9, 0.1]), 1),  # A
+        (np.array([1, 2]), np.array([0.8, 0.2]), 1),  # C
+        (np.array([1, 0]), np.array([0.7, 0.3]), 1),  # D
+        (np.array([1, 1, 1, 2]), np.array([0.4, 0.4, 0.4, 0.6]), 0),  # B: instance 1 drawn three times
+    ]
+    assert multi_pass_instance_auc([passes], [np.array([0, 1, 0])], [1]) == pytest.approx(0.5)

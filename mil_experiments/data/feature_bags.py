@@ -101,6 +101,7 @@ class FeatureBagsDataModule(BagDataModule):
         preload: bool = True
         skip_invalid: bool = False
         instance_label_threshold: float = 0.5
+        classes: list[str] | None = None
 
     def __init__(self, config: Config, seed: int) -> None:
         super().__init__(config, seed)
@@ -112,10 +113,11 @@ class FeatureBagsDataModule(BagDataModule):
         self.root = Path(c.root)
         self.features_dir = Path(c.features_dir) if c.features_dir else self.root
         if not self.features_dir.is_dir():
-            raise DataError(f"dataset.features_dir={self.features_dir}: folder not found")
+            key = "dataset.features_dir" if c.features_dir else "dataset.root"
+            raise DataError(f"{key}={self.features_dir}: folder not found")
         self.skipped: list[dict] = []
         self.class_names: list[str] = []
-        self._labels, self.class_names = read_labels(self._resolve(c.labels_csv), c.label_column)
+        self._labels, self.class_names = read_labels(self._resolve(c.labels_csv), c.label_column, c.classes)
         self.num_classes = len(self.class_names)
         self.instance_shape: tuple[int, ...] = ()
 
@@ -160,10 +162,22 @@ class FeatureBagsDataModule(BagDataModule):
             entries = [(s, paths[s], self._labels[s]) for s in sorted(loaded) if split_of[s] == split]
             if not entries:
                 raise DataError(f"dataset: the {split} split is empty (slides: {Counter(split_of.values())})")
+            self._check_classes(split, [label for _, _, label in entries])
             sets.append(FeatureBagDataset(entries, c.magnifications, c.instance_label_threshold, cache))
         if self.skipped:
             log.warning("feature_bags: skipped %d slides with invalid feature files", len(self.skipped))
         return tuple(sets)
+
+    def _check_classes(self, split: str, labels: list[int]) -> None:
+        """A training split needs every class; an evaluation split without one is warned about."""
+        missing = sorted(set(range(self.num_classes)) - set(labels))
+        if not missing:
+            return
+        names = [self.class_names[i] for i in missing]
+        where = f"{self._resolve(self.config.labels_csv)}: the {split} split ({len(labels)} slides)"
+        if split == "train":
+            raise DataError(f"{where} has no slide of class {names}; a classifier cannot learn them")
+        log.warning("%s has no slide of class %s: its AUC is undefined and reported as null", where, names)
 
     def _skip_or_raise(self, slide_id: str, error: DataError) -> None:
         if not self.config.skip_invalid:

@@ -1,7 +1,9 @@
 """Slide-level tables: the labels CSV, the splits CSV and seeded stratified k-fold splits.
 
 Labels CSV: a header with `slide_id` and a label column (`label` unless configured);
-integer labels must be 0..C-1, text labels are numbered in sorted order.
+labels are integers 0..C-1, or text labels from a declared class list (their index in
+it); anything else is an error naming the row. The files may start with a UTF-8
+byte-order mark (as Excel saves them).
 Splits CSV, either layout:
 - long: `slide_id, split` with split in {train, val, test};
 - wide (ZoomMIL, CLAM): columns `train`, `val`, `test`, each listing slide ids (an extra
@@ -20,8 +22,18 @@ from mil_experiments.errors import ConfigError, DataError
 SPLITS = ("train", "val", "test")
 
 
-def read_labels(path: str | Path, label_column: str = "label") -> tuple[dict[str, int], list[str]]:
-    """Slide id -> class index, and the class names (index order)."""
+def read_labels(
+    path: str | Path, label_column: str = "label", classes: list[str] | None = None
+) -> tuple[dict[str, int], list[str]]:
+    """Slide id -> class index, and the class names (index order).
+
+    Args:
+        path: the labels CSV.
+        label_column: the column holding the labels.
+        classes: declared class names; text labels are their index in this list. Without
+            it, labels must be integers 0..C-1 (a typo such as `l` among 0/1 is an error,
+            not a third class).
+    """
     path = Path(path)
     rows = _read_csv(path)
     if not rows:
@@ -29,22 +41,31 @@ def read_labels(path: str | Path, label_column: str = "label") -> tuple[dict[str
     for column in ("slide_id", label_column):
         if column not in rows[0]:
             raise DataError(f"{path}: no '{column}' column (columns: {list(rows[0])})")
-    raw: dict[str, str] = {}
+    index = {str(name): i for i, name in enumerate(classes)} if classes else None
+    labels: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         slide_id, label = (row["slide_id"] or "").strip(), (row[label_column] or "").strip()
         if not slide_id or not label:
             raise DataError(f"{path}:{line}: empty slide_id or {label_column}")
-        if slide_id in raw:
+        if slide_id in labels:
             raise DataError(f"{path}:{line}: slide_id {slide_id!r} appears twice")
-        raw[slide_id] = label
-    values = sorted(set(raw.values()))
-    if all(_is_int(v) for v in values):
-        ints = sorted(int(v) for v in values)
-        if ints != list(range(len(ints))):
-            raise DataError(f"{path}: integer labels must be 0..C-1; found {ints}")
-        return {s: int(v) for s, v in raw.items()}, [str(i) for i in ints]
-    index = {v: i for i, v in enumerate(values)}
-    return {s: index[v] for s, v in raw.items()}, values
+        if index is not None:
+            if label not in index:
+                raise DataError(f"{path}:{line}: slide {slide_id}: label {label!r} is not one of dataset.classes={list(index)}")
+            labels[slide_id] = index[label]
+        elif _is_int(label):
+            labels[slide_id] = int(label)
+        else:
+            raise DataError(
+                f"{path}:{line}: slide {slide_id}: label {label!r} is not an integer;"
+                " declare text classes with dataset.classes=[name0,name1,...]"
+            )
+    if index is not None:
+        return labels, list(index)
+    found = sorted(set(labels.values()))
+    if found != list(range(len(found))):
+        raise DataError(f"{path}: integer labels must be 0..C-1; found {found}")
+    return labels, [str(i) for i in found]
 
 
 def read_splits(path: str | Path) -> dict[str, str]:
@@ -109,7 +130,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel's byte-order mark
             return list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{path}: cannot be read as CSV: {error}") from error
