@@ -120,3 +120,19 @@ def test_engines_as_config_axis():
         AccumulationEngine(alpha=0)
     with pytest.raises(ValueError, match="need acc_mode=cached"):
         AccumulationEngine(acc_mode="recompute", skip_zero_grad_chunks=True)
+
+
+@pytest.mark.parametrize("mode", ["cached", "recompute"])
+def test_an_encoder_without_parameters_skips_the_re_encoding(mode):
+    """Pre-extracted features (encoder=identity) under engine=acc: head gradients only, no phase 3."""
+    aggregator = ABMIL(6, 1, attention_dim=4).double()
+    bag = torch.randn(10, 6, dtype=torch.float64)
+
+    def head(features):
+        return HeadResult(bag_loss(aggregator(features).logits, torch.tensor(1)))
+
+    head(bag).loss.backward()
+    reference = [p.grad.clone() for p in aggregator.parameters()]
+    aggregator.zero_grad()
+    accumulate_gradients(nn.Identity(), head, bag, 3, mode=mode, head_parameters=aggregator.parameters())
+    assert_same_gradients([p.grad for p in aggregator.parameters()], reference)

@@ -140,8 +140,10 @@ def accumulate_gradients(
             chunk_rng_states.append(_rng_state(device))
             parts.append(encoder(instances[piece]))  # (c, D)
 
+    # An encoder without trainable parameters (pre-extracted features) needs no phase 3.
+    encoder_trains = any(p.requires_grad for p in encoder.parameters())
     if mode == "recompute":
-        return _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters)
+        return _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters, encoder_trains)
 
     if keep_last:
         last_features = encoder(instances[slices[-1]])  # (c, D), with grad
@@ -153,9 +155,9 @@ def accumulate_gradients(
     backward(result.loss)  # head grads and dL/dZ
     rng_after_head = _rng_state(device)
     feature_grad = exchange.scatter(_grad_or_zeros(features))  # (n, D)
-    if keep_last:
+    if keep_last and encoder_trains:
         torch.autograd.backward(last_features, feature_grad[slices[-1]])
-    for i, piece in enumerate(no_grad_slices):
+    for i, piece in enumerate(no_grad_slices if encoder_trains else []):
         rows = feature_grad[piece]  # (c, D)
         if skip_zero_grad_chunks and not bool(rows.any()):
             continue
@@ -166,7 +168,7 @@ def accumulate_gradients(
     return result.detach()
 
 
-def _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters) -> HeadResult:
+def _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters, encoder_trains) -> HeadResult:
     """Phase 3 as the paper's code: per chunk, rerun the head with that chunk's graph."""
     device = instances.device
     features = torch.cat(parts)  # (N, D), no grad
@@ -175,7 +177,7 @@ def _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backwa
     backward(result.loss)
     rng_after_head = _rng_state(device)
     with _frozen_parameters(head_parameters):
-        for i, piece in enumerate(slices):
+        for i, piece in enumerate(slices if encoder_trains else []):
             _set_rng_state(chunk_rng_states[i], device)
             chunk_features = encoder(instances[piece])  # (c, D)
             joined = torch.cat([features[: piece.start], chunk_features, features[piece.stop :]])  # (N, D)
