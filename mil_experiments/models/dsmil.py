@@ -2,7 +2,8 @@
 
     c = W_i x                                  (N, C) instance logits (max-pooling stream)
     m_k = x[argmax_i c_ik]                     critical instance of class k
-    Q = q(x) (N, 128), q = Linear-ReLU-Linear-Tanh;  V = Dropout(ReLU(W_v x)) (N, L)
+    Q = q(x) (N, 128), q = Linear-ReLU-Linear-Tanh;  V = x (the official default; with
+    `passing_v`, V = ReLU(W_v Dropout(x)))
     U = softmax(Q q(m)^T / sqrt(128), over instances)      (N, C) distance-based attention
     B = U^T V (C, L);  logits = Conv1d_{C->C, kernel L}(B)    (C,)
     loss = 0.5 bag_loss(logits) + 0.5 bag_loss(max_i c_i)
@@ -28,14 +29,16 @@ class DSMIL(Aggregator):
     @dataclass
     class Config:
         query_dim: int = 128
+        passing_v: bool = False
         value_dropout: float = 0.0
         max_loss_weight: float = 0.5
 
-    def __init__(self, in_dim: int, n_outputs: int, query_dim: int = 128, value_dropout: float = 0.0, max_loss_weight: float = 0.5) -> None:
+    def __init__(self, in_dim: int, n_outputs: int, query_dim: int = 128, passing_v: bool = False, value_dropout: float = 0.0,
+                 max_loss_weight: float = 0.5) -> None:
         super().__init__(in_dim, n_outputs)
         self.instance_classifier = nn.Linear(in_dim, n_outputs)
         self.query = nn.Sequential(nn.Linear(in_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh())
-        self.value = nn.Sequential(nn.Dropout(value_dropout), nn.Linear(in_dim, in_dim), nn.ReLU())
+        self.value = nn.Sequential(nn.Dropout(value_dropout), nn.Linear(in_dim, in_dim), nn.ReLU()) if passing_v else nn.Identity()
         self.bag_classifier = nn.Conv1d(n_outputs, n_outputs, kernel_size=in_dim)
         self.max_loss_weight = max_loss_weight
 
