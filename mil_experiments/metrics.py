@@ -84,10 +84,10 @@ def multi_pass_instance_auc(
 ) -> float:
     """Instance AUC when each bag is seen in several sampled passes (published evaluation).
 
-    Per pass the attention is min-max normalised, and an instance drawn several times in
-    one pass (sampling with replacement) counts as one look of that pass, as in the
-    published code (its copies have the same features, hence the same weight; the first
-    is kept). For each instance: its majority predicted bag label over the passes that
+    An instance drawn several times in one pass (sampling with replacement) counts as one
+    look of that pass, with the weight of its last draw, and each pass is min-max
+    normalised over its distinct instances: the published test saves one file per image
+    and pass, so a second draw overwrites the first. For each instance: its majority predicted bag label over the passes that
     saw it is 1 iff the count of label-1 passes exceeds round(n / 2); its score is the
     mean weight over the passes whose label equals that majority. An instance never
     sampled scores 0 with majority label 0.
@@ -104,8 +104,10 @@ def multi_pass_instance_auc(
             continue
         seen: dict[int, list[tuple[float, int]]] = defaultdict(list)
         for positions, weights, predicted in bag_passes:
-            distinct, first = np.unique(np.asarray(positions), return_index=True)  # one look per pass
-            normalised = minmax_normalise(np.asarray(weights, dtype=np.float64)[first])  # (distinct,)
+            positions = np.asarray(positions)
+            distinct, last_from_end = np.unique(positions[::-1], return_index=True)  # one look per pass
+            last = len(positions) - 1 - last_from_end  # (distinct,) the last draw of each
+            normalised = minmax_normalise(np.asarray(weights, dtype=np.float64)[last])  # (distinct,)
             for position, weight in zip(distinct, normalised, strict=True):
                 seen[int(position)].append((float(weight), int(predicted)))
         scores = np.zeros(len(labels))

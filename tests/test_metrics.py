@@ -96,3 +96,10 @@ def test_multi_pass_instance_auc_counts_one_look_per_pass_for_repeated_draws():
         (np.array([1, 1, 1, 2]), np.array([0.4, 0.4, 0.4, 0.6]), 0),  # B: instance 1 drawn three times
     ]
     assert multi_pass_instance_auc([passes], [np.array([0, 1, 0])], [1]) == pytest.approx(0.5)
+
+
+def test_a_repeated_draw_keeps_its_last_weight_and_the_pass_is_normalised_over_distinct_instances():
+    """Official: one file per image and pass, so a second draw's weight overwrites the first."""
+    passes = [(np.array([0, 1, 0]), np.array([0.9, 0.5, 0.1]), 1)]  # instance 0 drawn twice: its last weight, 0.1
+    # distinct looks: instance 0 -> 0.1, instance 1 -> 0.5; normalised: 0 and ~1; the key (1) ranks above 0
+    assert multi_pass_instance_auc([passes], [np.array([0, 1])], [1]) == pytest.approx(1.0)
