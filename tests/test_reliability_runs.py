@@ -41,7 +41,7 @@ def test_a_sweep_runs_every_job_and_reports_the_failed_ones(tmp_path):
 
 def test_sigterm_stops_with_status_143_keeps_what_was_written_and_resume_gives_the_same_results(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # same threads as the in-process run: float sums depend on them
     process = subprocess.Popen([sys.executable, "-m", "mil_experiments", *SLOWER, f"hydra.run.dir={run_dir}"],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
