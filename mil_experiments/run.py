@@ -126,7 +126,7 @@ def _close_wandb(exit_code: int = 0) -> None:
         wandb.finish(exit_code=exit_code)
 
 
-def resumed_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
+def resumed_config(run_dir: Path) -> DictConfig:
     """The saved config of the run in `run_dir`, checked that it can be resumed."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"resume={run_dir}: no config.yaml there (not a run folder)")
@@ -177,7 +177,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         if cfg.get("resume"):
             run_dir = Path(str(cfg.resume))
-            saved = resumed_config(run_dir, cfg)
+            saved = resumed_config(run_dir)
             _remove_if_empty(output_dir)
             results = train_and_test(saved, run_dir, resume=True)
         else:
