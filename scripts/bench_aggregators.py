@@ -13,7 +13,7 @@ accuracy, AUC, instance AUC (from its instance scores) and seconds per training 
 torchmil's models on the same bags in a plain Adam loop with the same epochs and learning rate.
 
     python scripts/bench_aggregators.py                                      # cost table
-    python scripts/bench_aggregators.py --cohort data/synthetic_wsi_features/lenet --epochs 20
+    python scripts/bench_aggregators.py --cohort data/synthetic_wsi_features/lenet --epochs 10
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def cost_table(repeats: int, in_dim: int = 1024) -> str:
     return "\n".join(rows)
 
 
-def quality_table(cohort: Path, epochs: int, seeds: tuple[int, ...]) -> str:
+def quality_table(cohort: Path, epochs: int, seeds: tuple[int, ...], lr: float, names: tuple[str, ...] = NAMES) -> str:
     import csv
 
     from mil_experiments.api import compose_config, compose_experiment
@@ -116,9 +116,9 @@ def quality_table(cohort: Path, epochs: int, seeds: tuple[int, ...]) -> str:
 
     base = ["dataset=feature_bags", f"dataset.root={cohort}", "dataset.magnifications=[10.0]", "encoder=identity",
             "logger=none", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false", "selection.rule=last",
-            "method.optimizer.lr=1e-4", "telemetry.count_saved_tensors=false"]
+            f"method.optimizer.lr={lr}", "telemetry.count_saved_tensors=false"]
     rows = ["| aggregator | implementation | test accuracy | test AUC | instance AUC | s / epoch |", "|---|---|---|---|---|---:|"]
-    for name in NAMES:
+    for name in names:
         results = {"acc": [], "auc": [], "iauc": [], "sec": []}
         for seed in seeds:
             out = Path(tempfile.mkdtemp(prefix=f"bench_{name}_"))
@@ -136,7 +136,7 @@ def quality_table(cohort: Path, epochs: int, seeds: tuple[int, ...]) -> str:
                 data = compose_experiment([*base, f"seed={seed}"]).datamodule
                 torch.manual_seed(seed)
                 model = theirs(name, data.instance_shape[0])
-                acc, auc, sec = _train_theirs(model, data, epochs)
+                acc, auc, sec = _train_theirs(model, data, epochs, lr)
                 results["acc"].append(acc)
                 results["auc"].append(auc)
                 results["sec"].append(sec)
@@ -145,10 +145,10 @@ def quality_table(cohort: Path, epochs: int, seeds: tuple[int, ...]) -> str:
     return "\n".join(rows)
 
 
-def _train_theirs(model, data, epochs: int) -> tuple[float, float, float]:
+def _train_theirs(model, data, epochs: int, lr: float) -> tuple[float, float, float]:
     from torchmetrics.functional.classification import binary_auroc
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     seconds = []
     for _ in range(epochs):
         model.train()
@@ -181,14 +181,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable timings)")
     parser.add_argument("--cohort", type=Path, default=None, help="feature_bags folder for the quality table")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, both implementations")
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--skip-cost", action="store_true", help="only the quality table")
+    parser.add_argument("--names", default=",".join(NAMES), help="aggregators of the quality table")
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_aggregators.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    text = "## Cost of one training step\n\n" + cost_table(args.repeats)
+    text = "" if args.skip_cost else "## Cost of one training step\n\n" + cost_table(args.repeats)
     if args.cohort is not None:
         seeds = tuple(int(s) for s in args.seeds.split(","))
-        text += "\n\n## Quality on feature bags\n\n" + quality_table(args.cohort, args.epochs, seeds)
+        text += "\n\n## Quality on feature bags\n\n" + quality_table(args.cohort, args.epochs, seeds, args.lr, tuple(args.names.split(",")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(f"\nwritten: {args.out}")

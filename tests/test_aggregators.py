@@ -184,7 +184,7 @@ def test_transmil_cls_row_equals_the_row_of_the_full_nystrom_matrix(n):
     _, row = attention(x, cls_index=0)
     padding = (4 - (1 + n) % 4) % 4
     padded = torch.nn.functional.pad(x, (0, 0, padding, 0))
-    q, k, _ = (t.reshape(-1, 2, 8).transpose(0, 1) for t in attention.to_qkv(padded).chunk(3, dim=-1))
+    q, k, _ = attention.to_qkv(padded).reshape(-1, 3, 2, 8).permute(1, 2, 0, 3).unbind(0)
     q = q * 8**-0.5
     group = -(-(1 + n) // 4)
     ql, kl = q.reshape(2, 4, group, 8).mean(2), k.reshape(2, 4, group, 8).mean(2)
