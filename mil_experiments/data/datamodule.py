@@ -11,7 +11,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from mil_experiments.bag import collate_single_bag
 from mil_experiments.data.description import DataDescription
@@ -28,6 +30,7 @@ class BagDataModule(L.LightningDataModule, ABC):
     @dataclass
     class Config:
         num_workers: int = 0
+        class_weighted_sampler: bool = False  # ZoomMIL: training bags drawn with weight N / n_c
 
     def __init__(self, config: Config, seed: int) -> None:
         super().__init__()
@@ -36,6 +39,7 @@ class BagDataModule(L.LightningDataModule, ABC):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.used_split: dict[str, list[str]] | None = None  # slide ids per split, where a dataset has them
 
     # --- to be provided by each dataset -------------------------------------------------
     num_classes: int = 2
@@ -61,18 +65,34 @@ class BagDataModule(L.LightningDataModule, ABC):
         if self.train_set is None:
             self.train_set, self.val_set, self.test_set = self.build_splits()
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def train_labels(self) -> list[int]:
+        """The training bags' labels, in dataset order."""
+        labels = getattr(self.train_set, "labels", None)
+        return list(labels) if labels is not None else [int(bag.label) for bag in self.train_set]
+
+    def class_weighted_sampler(self) -> WeightedRandomSampler:
+        """ZoomMIL's sampler: bag i of class c drawn with weight N / n_c, N draws per epoch with
+        replacement, so every class is drawn equally often in expectation; seeded by `seed`."""
+        labels = np.asarray(self.train_labels())
+        counts = np.bincount(labels)
+        weights = len(labels) / counts[labels]  # (N,)
+        generator = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64), len(labels), replacement=True, generator=generator)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=1,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.config.num_workers,
             collate_fn=collate_single_bag,
             persistent_workers=self.config.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        sampler = self.class_weighted_sampler() if self.config.class_weighted_sampler else None
+        return self._loader(self.train_set, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

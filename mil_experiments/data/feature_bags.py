@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from mil_experiments.bag import Bag, LevelLayout
 from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.data.feature_files import SlideFeatures, find_feature_file, read_feature_file
-from mil_experiments.data.slide_splits import SPLITS, kfold_splits, read_labels, read_splits
+from mil_experiments.data.slide_splits import SPLIT_RULES, SPLITS, kfold_splits, protocol_split, read_labels, read_splits
 from mil_experiments.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ class FeatureBagsDataModule(BagDataModule):
         c = config
         if not c.root:
             raise ConfigError("dataset.root is not set: give the folder of feature files (dataset.root=<dir>)")
-        if c.split not in ("csv", "kfold"):
-            raise ConfigError(f"dataset.split={c.split!r}: choose csv or kfold")
+        if c.split not in SPLIT_RULES:
+            raise ConfigError(f"dataset.split={c.split!r}: choose one of {', '.join(SPLIT_RULES)}")
         self.root = Path(c.root)
         self.features_dir = Path(c.features_dir) if c.features_dir else self.root
         if not self.features_dir.is_dir():
@@ -126,19 +126,26 @@ class FeatureBagsDataModule(BagDataModule):
         path = Path(name)
         return path if path.is_absolute() else self.root / path
 
-    def _split_of(self) -> dict[str, str]:
+    def split_sets(self) -> dict[str, list[str]]:
+        """The train / val / test slide ids of `dataset.split` (see `slide_splits`)."""
         c = self.config
         if c.split == "kfold":
-            return kfold_splits(self._labels, c.num_folds, c.fold, c.val_fraction, c.split_seed)
+            split_of = kfold_splits(self._labels, c.num_folds, c.fold, c.val_fraction, c.split_seed)
+            return {split: sorted(s for s, v in split_of.items() if v == split) for split in SPLITS}
+        if c.split in ("mhim_c16", "mhim_tcga", "holdout"):
+            return protocol_split(c.split, self._labels, c.fold, c.split_seed)
         splits = read_splits(self._resolve(c.splits_csv))
         unknown = sorted(set(splits) - set(self._labels))
         if unknown:
             raise DataError(f"{self._resolve(c.splits_csv)}: {len(unknown)} slides have no label, e.g. {unknown[:3]}")
-        return splits
+        if c.split == "csv_trainval":
+            return protocol_split(c.split, self._labels, c.fold, c.split_seed, official=splits)
+        return {split: sorted(s for s, v in splits.items() if v == split) for split in SPLITS}
 
     def build_splits(self) -> tuple[FeatureBagDataset, FeatureBagDataset, FeatureBagDataset]:
         c = self.config
-        split_of = self._split_of()
+        sets_of = self.split_sets()
+        split_of = {s: split for split in SPLITS for s in sets_of[split]}
         loaded: dict[str, SlideFeatures] = {}
         paths: dict[str, Path] = {}
         for slide_id in sorted(split_of):
@@ -159,11 +166,12 @@ class FeatureBagsDataModule(BagDataModule):
         cache = {s: slide_to_bag(s, self._labels[s], f, c.instance_label_threshold) for s, f in loaded.items()} if c.preload else None
         sets = []
         for split in SPLITS:
-            entries = [(s, paths[s], self._labels[s]) for s in sorted(loaded) if split_of[s] == split]
+            entries = [(s, paths[s], self._labels[s]) for s in sets_of[split] if s in loaded]
             if not entries:
-                raise DataError(f"dataset: the {split} split is empty (slides: {Counter(split_of.values())})")
+                raise DataError(f"dataset: the {split} split is empty (slides: { {k: len(v) for k, v in sets_of.items()} })")
             self._check_classes(split, [label for _, _, label in entries])
             sets.append(FeatureBagDataset(entries, c.magnifications, c.instance_label_threshold, cache))
+        self.used_split = {split: [s for s, _, _ in d.entries] for split, d in zip(SPLITS, sets, strict=True)}
         if self.skipped:
             log.warning("feature_bags: skipped %d slides with invalid feature files", len(self.skipped))
         return tuple(sets)

@@ -142,3 +142,91 @@ def _is_int(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --- the papers' split protocols ---------------------------------------------------------
+SPLIT_RULES = ("csv", "kfold", "mhim_c16", "mhim_tcga", "holdout", "csv_trainval")
+MHIM_C16_FOLDS = 3  # MHIM v1 `cv_fold` on CAMELYON16, val_ratio 0: validation = the test fold
+MHIM_TCGA_FOLDS = 4  # MHIM v1 README recipe for TCGA-NSCLC: cv_fold 4, val_ratio 0.13
+MHIM_TCGA_VAL_FRACTION = 0.13
+HOLDOUT_FRACTIONS = (0.7, 0.1, 0.2)  # ZoomMIL: train / val / test, stratified
+TRAINVAL_VAL_FRACTION = 0.1  # ZoomMIL on CAMELYON16: 10% of the official train set for validation
+
+
+def _shuffled(ids: list[str], rng: np.random.Generator) -> list[str]:
+    return [ids[i] for i in rng.permutation(len(ids))]
+
+
+def stratified_folds(labels: dict[str, int], num_folds: int, seed: int) -> list[list[str]]:
+    """MHIM's cross-validation: the slides shuffled with `seed`, then `StratifiedKFold` (no
+    further shuffle) cuts them into `num_folds` label-stratified folds (test sets)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    ids = _shuffled(sorted(labels), np.random.default_rng(seed))
+    y = [labels[s] for s in ids]
+    smallest = min(np.bincount(y)[np.unique(y)])
+    if smallest < num_folds:
+        raise DataError(f"labels: the smallest class has {smallest} slides, fewer than the {num_folds} folds")
+    return [[ids[i] for i in test] for _, test in StratifiedKFold(n_splits=num_folds).split(ids, y)]
+
+
+def stratified_share(ids: list[str], labels: dict[str, int], fraction: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """Split `ids` into (rest, share): round(fraction * n_c) slides of each class c, drawn with `rng`."""
+    share: list[str] = []
+    for label in sorted({labels[s] for s in ids}):
+        members = _shuffled(sorted(s for s in ids if labels[s] == label), rng)
+        share += members[: round(len(members) * fraction)]
+    chosen = set(share)
+    return [s for s in ids if s not in chosen], share
+
+
+def protocol_split(
+    rule: str, labels: dict[str, int], fold: int, seed: int, official: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """The train / val / test slide lists of one of the papers' protocols (sorted ids).
+
+    - `mhim_c16`: 3 stratified folds (`stratified_folds`); fold `fold` is the test set and
+      also the validation set (MHIM v1 with val_ratio 0; its best-AUC model is picked on it).
+    - `mhim_tcga`: 4 stratified folds; a label-balanced 13% of the training folds
+      (round(0.13 n_c) per class) is the validation set.
+    - `holdout`: ZoomMIL's stratified 70 / 10 / 20 train / val / test (per class: round(0.2 n_c)
+      test, round(0.1 n_c) val, the rest train); one fold only.
+    - `csv_trainval`: the official test set of the splits CSV; its train (and val) slides are
+      pooled and 10% of each class becomes the validation set (ZoomMIL on CAMELYON16).
+
+    Deterministic in `seed` (`dataset.split_seed`), independent of the run's seed.
+    """
+    rng = np.random.default_rng(seed)
+    if rule in ("mhim_c16", "mhim_tcga"):
+        folds = stratified_folds(labels, MHIM_C16_FOLDS if rule == "mhim_c16" else MHIM_TCGA_FOLDS, seed)
+        if not 0 <= fold < len(folds):
+            raise ConfigError(f"dataset.fold={fold}: split={rule} has folds 0..{len(folds) - 1}")
+        test = folds[fold]
+        train = [s for i, f in enumerate(folds) if i != fold for s in f]
+        if rule == "mhim_c16":
+            return {"train": sorted(train), "val": sorted(test), "test": sorted(test)}
+        train, val = stratified_share(train, labels, MHIM_TCGA_VAL_FRACTION, rng)
+        return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    if fold != 0:
+        raise ConfigError(f"dataset.fold={fold}: split={rule} has one fold (0); vary dataset.split_seed instead")
+    if rule == "holdout":
+        rest, test = stratified_share(sorted(labels), labels, HOLDOUT_FRACTIONS[2], rng)
+        train, val = stratified_share(rest, labels, HOLDOUT_FRACTIONS[1] / (1 - HOLDOUT_FRACTIONS[2]), rng)
+        return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    if rule == "csv_trainval":
+        assert official is not None
+        test = [s for s, split in official.items() if split == "test"]
+        pool = sorted(s for s, split in official.items() if split != "test")
+        train, val = stratified_share(pool, labels, TRAINVAL_VAL_FRACTION, rng)
+        return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    raise ConfigError(f"dataset.split={rule!r}: choose one of {SPLIT_RULES}")
+
+
+def write_split_table(path: Path, sets: dict[str, list[str]]) -> None:
+    """The split a run used, as `slide_id,split` rows (a slide used twice, as MHIM's C16 test
+    fold is for validation too, has two rows)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide_id", "split"])
+        for split in SPLITS:
+            writer.writerows((s, split) for s in sets[split])
