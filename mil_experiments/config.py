@@ -16,15 +16,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mil_experiments.early_stopping import EarlyStoppingConfig
 from mil_experiments.engine import GradientEngine
 from mil_experiments.errors import ConfigError
 from mil_experiments.models.encoders import ENCODER_CONFIGS, EncoderConfig
 from mil_experiments.sampling import SamplingConfig
 from mil_experiments.selection import SelectionConfig
+from mil_experiments.test_report import EvaluationConfig
 
 TOP_LEVEL_KEYS = {
     "dataset", "encoder", "aggregator", "method", "engine", "strategy", "trainer", "logger",
-    "seed", "alpha", "selection", "sampling", "telemetry", "resume", "overwrite",
+    "seed", "alpha", "selection", "sampling", "telemetry", "resume", "overwrite", "evaluation", "early_stopping",
 }  # fmt: skip
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -110,6 +112,8 @@ class ValidatedConfig:
     selection: SelectionConfig
     sampling: SamplingConfig
     telemetry: TelemetryConfig
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 def _checked(schema: type, node: Any, where: str, strip: tuple[str, ...] = ("_target_",)) -> Any:
@@ -205,7 +209,11 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
         selection=_checked(SelectionConfig, cfg.selection, "selection"),
         sampling=_checked(SamplingConfig, cfg.sampling, "sampling"),
         telemetry=_checked(TelemetryConfig, cfg.telemetry, "telemetry"),
+        evaluation=_checked(EvaluationConfig, cfg.get("evaluation") or OmegaConf.create({}), "evaluation"),
+        early_stopping=_checked(EarlyStoppingConfig, cfg.get("early_stopping") or OmegaConf.create({}), "early_stopping"),
     )
+    validated.evaluation.check()
+    validated.early_stopping.check()
     if validated.logger.name not in LOGGERS:
         raise ConfigError(f"logger.name={validated.logger.name!r}: choose one of {LOGGERS}")
     if validated.strategy.name not in STRATEGIES:

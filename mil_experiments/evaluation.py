@@ -102,7 +102,7 @@ def bag_scores(probabilities_: list[torch.Tensor], labels: list[int], predicted:
 
 
 def validation_metrics(looks: list[tuple[float, torch.Tensor, int, int]], num_classes: int) -> dict[str, float]:
-    """`val/loss`, `val/error`, `val/auc` over every look (each repeat counts as one evaluation).
+    """`val/loss`, `val/error`, `val/auc`, `val/f1_weighted` over every look (each repeat counts as one evaluation).
 
     Args:
         looks: (loss, probability, predicted label, true label) per look.
@@ -112,6 +112,7 @@ def validation_metrics(looks: list[tuple[float, torch.Tensor, int, int]], num_cl
         "val/loss": float(np.mean([loss for loss, *_ in looks])),
         "val/error": scores["error"],
         "val/auc": scores["auc"],
+        "val/f1_weighted": scores["f1_weighted"],
     }
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from mil_experiments.callbacks import EpochMetricsWriter, Telemetry
 from mil_experiments.config import ValidatedConfig, validate
 from mil_experiments.data.datamodule import BagDataModule
+from mil_experiments.early_stopping import MinEpochEarlyStopping
 from mil_experiments.errors import ConfigError
 from mil_experiments.methods.base import MILMethod
 from mil_experiments.models.encoders import build_encoder
@@ -84,6 +85,8 @@ def build_trainer(experiment: Experiment) -> tuple[L.Trainer, RunCallbacks]:
     # The full training state at the end of every epoch, for `resume=<run folder>`.
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False)
     callbacks = [parts.telemetry, parts.selection, parts.metrics_writer, last]
+    if c.early_stopping.enabled:
+        callbacks.append(MinEpochEarlyStopping(c.early_stopping))
     trainer_kwargs = {k: v for k, v in vars(c.trainer).items() if v is not None}
     trainer = L.Trainer(
         **trainer_kwargs,

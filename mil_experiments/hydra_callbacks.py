@@ -1,4 +1,4 @@
-"""Hydra callbacks: the multirun summary table."""
+"""Hydra callbacks: the multirun summary table and, over folds, the fold summary."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mil_experiments.results import write_summary
+from mil_experiments.summaries import write_fold_summary
 
 
 class MultirunSummary(Callback):
-    """After a multirun, writes `<sweep dir>/summary.csv` with one row per job."""
+    """After a multirun, writes `<sweep dir>/summary.csv` with one row per job, and
+    `fold_summary.csv` / `fold_summary.md` (mean ± std over folds) when it swept `dataset.fold`."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         path = write_summary(Path(config.hydra.sweep.dir))
         if path is not None:
             print(f"multirun summary: {path}")
+        folds = write_fold_summary(Path(config.hydra.sweep.dir))
+        if folds is not None:
+            print(f"fold summary: {folds} and {folds.with_suffix('.md')}")

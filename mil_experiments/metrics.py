@@ -148,3 +148,94 @@ def bag_metrics(
 def log_values(metrics: dict[str, float]) -> dict[str, torch.Tensor]:
     """Metrics as float64 tensors for `LightningModule.log_dict`, so that every digit is kept."""
     return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
+
+
+# --- the ZoomMIL / MHIM evaluation protocols ---------------------------------------------
+def youden_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """MHIM's `optimal_thresh`: the ROC threshold minimising FPR - TPR (maximising Youden's
+    J = TPR - FPR; the first such point of sklearn's `roc_curve` on ties). nan with one class."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    fpr, tpr, thresholds = roc_curve(labels, probabilities, pos_label=1)
+    return float(thresholds[int(np.argmin(fpr - tpr))])
+
+
+def classification_metrics(
+    probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int, predicted: torch.Tensor, threshold: float | None = None
+) -> dict[str, float]:
+    """The protocols' slide metrics (keys without the `test/` prefix).
+
+    - `accuracy`: micro, the share of correct slides; `accuracy_macro`: the mean over classes
+      of each class's recall (balanced accuracy; torchmetrics' macro accuracy, MHIM v2's default);
+    - `auc`: binary ROC AUC of the positive-class probability; one-vs-rest macro for C > 2;
+    - `f1_weighted`, `f1_macro`, `f1_class<k>` (per class); `kappa_quadratic`: Cohen's kappa
+      with quadratic weights 1 - (i - j)^2 / (C - 1)^2 (ZoomMIL);
+    - binary only: `youden_threshold` t (MHIM's, on this set unless `threshold` is given),
+      and `accuracy_youden`, `precision_youden`, `recall_youden`, `f1_youden` of p >= t.
+
+    Args:
+        probabilities: (B,) positive-class probabilities (binary) or (B, C).
+        labels: (B,) integer labels.
+        predicted: (B,) predicted labels (threshold 0.5 / argmax, or the sampled passes' vote).
+        threshold: a Youden threshold chosen elsewhere (on the validation set).
+    """
+    from torchmetrics.functional.classification import (
+        binary_f1_score,
+        binary_precision,
+        binary_recall,
+        multiclass_accuracy,
+        multiclass_cohen_kappa,
+    )
+
+    labels, predicted = labels.long(), predicted.long()
+    classes = max(num_classes, 2)
+    out = bag_metrics(probabilities, labels, num_classes, predicted)
+    out.pop("error")
+    out["accuracy_macro"] = multiclass_accuracy(predicted, labels, classes, average="macro").item()
+    out["f1_macro"] = multiclass_f1_score(predicted, labels, classes, average="macro").item()
+    per_class = multiclass_f1_score(predicted, labels, classes, average="none")  # (C,)
+    out.update({f"f1_class{k}": float(v) for k, v in enumerate(per_class)})
+    out["kappa_quadratic"] = multiclass_cohen_kappa(predicted, labels, classes, weights="quadratic").item()
+    if num_classes == 2:
+        p, y = probabilities.double().numpy(), labels.numpy()
+        t = youden_threshold(p, y) if threshold is None else float(threshold)
+        out["youden_threshold"] = t
+        if np.isfinite(t):
+            hard = (probabilities.double() >= t).long()  # (B,)
+            out["accuracy_youden"] = float((hard == labels).double().mean())
+            out["precision_youden"] = binary_precision(hard, labels).item()
+            out["recall_youden"] = binary_recall(hard, labels).item()
+            out["f1_youden"] = binary_f1_score(hard, labels).item()
+    return out
+
+
+def bootstrap_intervals(
+    probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int, predicted: torch.Tensor,
+    samples: int, seed: int, threshold: float | None = None, level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of `classification_metrics`.
+
+    `samples` resamples of the B slides with replacement (numpy generator seeded by `seed`,
+    so the intervals are reproducible, as MHIM v2's deterministic bootstrap); each metric's
+    interval is the (1 - level) / 2 and (1 + level) / 2 quantiles of its resampled values,
+    ignoring resamples where it is undefined (e.g. an AUC of one class). A resample with a
+    Youden threshold uses the threshold chosen on it (or the fixed `threshold`).
+    """
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = defaultdict(list)
+    n = labels.shape[0]
+    for _ in range(samples):
+        index = torch.from_numpy(rng.integers(0, n, n))  # (B,)
+        for key, value in classification_metrics(probabilities[index], labels[index], num_classes, predicted[index], threshold).items():
+            if np.isfinite(value):
+                values[key].append(value)
+    low, high = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {k: (float(np.percentile(v, low)), float(np.percentile(v, high))) for k, v in values.items() if v}
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts: row = true class, column = predicted class."""
+    classes = max(num_classes, 2)
+    return np.bincount(np.asarray(labels) * classes + np.asarray(predicted), minlength=classes * classes).reshape(classes, classes)

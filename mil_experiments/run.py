@@ -71,6 +71,10 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
     output_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if experiment.datamodule.used_split is not None:
+        from mil_experiments.data.slide_splits import write_split_table
+
+        write_split_table(output_dir / "splits.csv", experiment.datamodule.used_split)
     trainer, callbacks = build_trainer(experiment)
     finished = False
     try:
@@ -78,7 +82,12 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
         trainer.fit(experiment.method, datamodule=experiment.datamodule,
                     ckpt_path=str(output_dir / LAST_CHECKPOINT) if resume else None, weights_only=False)
         callbacks.selection.restore_selected(experiment.method)
+        val_records = None
+        if experiment.checked.evaluation.threshold_from == "val":  # the selected model on the validation set
+            trainer.test(experiment.method, dataloaders=experiment.datamodule.val_dataloader(), verbose=False)
+            val_records = next(iter(experiment.method._test_records.values()))
         (test,) = trainer.test(experiment.method, datamodule=experiment.datamodule, verbose=False)
+        test.update(_protocol_report(experiment, output_dir, val_records))
         finished = True
     except SIGTERMException:
         raise RunInterrupted(
@@ -117,6 +126,17 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
     }
     write_results(output_dir / "results.json", results)
     return results
+
+
+def _protocol_report(experiment, output_dir: Path, val_records) -> dict:
+    """The evaluation protocols' metrics of the test (first inference setting) and its confusion matrix PNG."""
+    from mil_experiments.test_report import protocol_results, write_confusion_png
+
+    method, config = experiment.method, experiment.checked.evaluation
+    records = next(iter(method._test_records.values()))
+    if config.confusion_matrix:
+        write_confusion_png(output_dir / "confusion_matrix.png", records, method.num_classes, experiment.datamodule.describe().class_names)
+    return {k: v for k, v in protocol_results(records, method.num_classes, config, val_records).items() if k not in ("test/accuracy", "test/auc", "test/f1_weighted")}
 
 
 def _close_wandb(exit_code: int = 0) -> None:

@@ -5,7 +5,10 @@ epochs exist, the mean validation error over the last `window` epochs; whenever 
 strictly lower than the best window so far, the epoch with the lowest validation error
 inside that window (the earliest on ties) is selected. The window is capped at
 `max_epochs`, so short runs select too. `best_val_loss`: the epoch of lowest validation
-loss. `last`: the last epoch.
+loss. `best_val_auc` (MHIM: `model_best_auc`) and `best_val_f1_weighted` (ZoomMIL:
+`model_best_f1`): the epoch of highest validation AUC / weighted F1; for each `best_*` rule
+only a strict improvement selects a later epoch (the earliest best epoch is kept), and an
+undefined value (nan) never selects. `last`: the last epoch.
 
 Memory stays bounded: the states an epoch could still be selected from are kept on disk
 (`checkpoints/candidates/`), and only those: an epoch followed inside the window by a
@@ -25,14 +28,15 @@ import torch
 
 from mil_experiments.errors import ConfigError
 
-SELECTION_RULES = ("moving_average", "best_val_loss", "last")
+SELECTION_RULES = ("moving_average", "best_val_loss", "best_val_auc", "best_val_f1_weighted", "last")
+BEST_RULES = {"best_val_loss": ("val/loss", 1.0), "best_val_auc": ("val/auc", -1.0), "best_val_f1_weighted": ("val/f1_weighted", -1.0)}
 
 
 @dataclass
 class SelectionConfig:
     """Schema of the top-level `selection:` key."""
 
-    rule: str = "moving_average"  # moving_average | best_val_loss | last
+    rule: str = "moving_average"  # moving_average | best_val_loss | best_val_auc | best_val_f1_weighted | last
     window: int = 15
 
     def check(self) -> None:
@@ -64,10 +68,16 @@ class ModelSelection(L.Callback):
         metrics = trainer.callback_metrics
         if trainer.sanity_checking or "val/error" not in metrics:
             return
-        self.observe(trainer.current_epoch, float(metrics["val/error"]), float(metrics["val/loss"]), pl_module)
+        scores = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        self.observe(trainer.current_epoch, float(metrics["val/error"]), float(metrics["val/loss"]), pl_module, scores)
 
-    def observe(self, epoch: int, val_error: float, val_loss: float, pl_module: torch.nn.Module) -> None:
-        """Take one epoch's validation metrics (and its model) into account."""
+    def observe(
+        self, epoch: int, val_error: float, val_loss: float, pl_module: torch.nn.Module, scores: dict[str, float] | None = None
+    ) -> None:
+        """Take one epoch's validation metrics (and its model) into account.
+
+        `scores`: every logged `val/...` value (the `best_*` rules read theirs from it).
+        """
         if self.config.rule == "moving_average":
             self._recent = (self._recent + [(epoch, val_error)])[-self.window :]
             self._keep_candidate(epoch, val_error, pl_module)
@@ -77,10 +87,12 @@ class ModelSelection(L.Callback):
                     self.best_score = window_mean
                     best = int(np.argmin([e for _, e in self._recent]))
                     self._select_candidate(self._recent[best][0], window_mean)
-        elif self.config.rule == "best_val_loss":
-            if val_loss < self.best_score:
-                self.best_score = val_loss
-                self._save(self.checkpoint_path, pl_module, epoch, val_loss)
+        elif self.config.rule in BEST_RULES:
+            key, sign = BEST_RULES[self.config.rule]
+            value = val_loss if key == "val/loss" else (scores or {}).get(key, float("nan"))
+            if sign * value < self.best_score:  # False for nan
+                self.best_score = sign * value
+                self._save(self.checkpoint_path, pl_module, epoch, value)
                 self.selected_epoch = epoch
         else:
             self._save(self.checkpoint_path, pl_module, epoch, val_loss)
