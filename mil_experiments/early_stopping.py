@@ -5,7 +5,7 @@ is worse than the best so far (an equal value resets it, as an improvement does)
 stops once counter >= patience and the epoch (0-based) is > `min_epoch` (MHIM's
 `stop_epoch`: 130 on CAMELYON16 with patience 30, 70 on TCGA with patience 20). Before
 `min_epoch` the counter still counts, so training can stop at the first epoch after it.
-An undefined value (an AUC on one class) counts as not better and never stops training by itself.
+An undefined value (an AUC on one class) counts as not better (Lightning's check_finite stop is off).
 """
 
 from __future__ import annotations
