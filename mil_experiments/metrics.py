@@ -153,13 +153,16 @@ def log_values(metrics: dict[str, float]) -> dict[str, torch.Tensor]:
 # --- the ZoomMIL / MHIM evaluation protocols ---------------------------------------------
 def youden_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """MHIM's `optimal_thresh`: the ROC threshold minimising FPR - TPR (maximising Youden's
-    J = TPR - FPR; the first such point of sklearn's `roc_curve` on ties). nan with one class."""
+    J = TPR - FPR; the first such point of sklearn's `roc_curve` on ties). nan with one class.
+    When no threshold beats calling every slide negative, that point's threshold is max(p) + 1
+    (sklearn < 1.3's value, which MHIM's code ran with; newer sklearn gives inf)."""
     from sklearn.metrics import roc_curve
 
     if len(np.unique(labels)) < 2:
         return float("nan")
     fpr, tpr, thresholds = roc_curve(labels, probabilities, pos_label=1)
-    return float(thresholds[int(np.argmin(fpr - tpr))])
+    threshold = float(thresholds[int(np.argmin(fpr - tpr))])
+    return threshold if np.isfinite(threshold) else float(np.max(probabilities)) + 1.0
 
 
 def classification_metrics(

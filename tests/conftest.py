@@ -20,6 +20,7 @@ TINY = [
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
     "logger=none",
+    "evaluation.bootstrap=0",  # 1000 resamples cost ~3 s a run; tests/test_protocols.py covers them
 ]
 
 

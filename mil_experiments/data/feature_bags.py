@@ -25,7 +25,14 @@ from torch.utils.data import Dataset
 from mil_experiments.bag import Bag, LevelLayout
 from mil_experiments.data.datamodule import BagDataModule
 from mil_experiments.data.feature_files import SlideFeatures, find_feature_file, read_feature_file
-from mil_experiments.data.slide_splits import SPLIT_RULES, SPLITS, kfold_splits, protocol_split, read_labels, read_splits
+from mil_experiments.data.slide_splits import (
+    SPLIT_RULES,
+    SPLITS,
+    kfold_splits,
+    protocol_split,
+    read_labels,
+    read_splits,
+)
 from mil_experiments.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
