@@ -53,6 +53,9 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
         raise ConfigError("dataset.bag_size=1 with batch norm: training needs at least 2 instances per forward; use encoder.norm=group or none")
     n_outputs = checked.method_class.output_count(checked.method, data.num_classes)
     aggregator = aggregator_class(in_dim=encoder.out_dim, n_outputs=n_outputs, **vars(checked.aggregator))
+    for where, layout in getattr(datamodule, "level_layouts", {}).items() if hasattr(aggregator, "check_layout") else ():
+        aggregator.bind_levels(layout)  # per-level modules for the bags' level count, before the optimizer exists
+        aggregator.check_layout(layout, where)  # a bad magnification chain is refused naming the file
     method = checked.method_class(
         checked.method,
         encoder=encoder,

@@ -18,7 +18,8 @@ from mil_experiments.models.transmil import NystromAttention, moore_penrose_pinv
 NAMES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf/aggregator").glob("*.yaml"))
 SMALL = {"transmil": {"dim": 32, "heads": 2, "dim_head": 8, "landmarks": 4}, "dtfd": {"dim": 16, "attention_dim": 8},
          "abmil_mhim": {"dim": 16, "attention_dim": 8}, "clam_sb": {"dim": 16, "attention_dim": 8, "k_sample": 3},
-         "dsmil": {"query_dim": 8}, "maxmil": {"hidden_dim": 8}, "meanmil": {"hidden_dim": 8}, "abmil": {"attention_dim": 8}}
+         "dsmil": {"query_dim": 8}, "maxmil": {"hidden_dim": 8}, "meanmil": {"hidden_dim": 8}, "abmil": {"attention_dim": 8},
+         "zoommil": {"hidden_dim": 16, "attention_dim": 8, "k": 3}, "msmil": {"hidden_dim": 16, "attention_dim": 8}}
 IN_DIM = 12
 
 
@@ -33,7 +34,7 @@ def build(name: str, n_outputs: int, **overrides):
 
 
 def test_every_aggregator_yaml_is_listed():
-    assert NAMES == ["abmil", "abmil_mhim", "clam_sb", "dsmil", "dtfd", "maxmil", "meanmil", "transmil"]
+    assert NAMES == ["abmil", "abmil_mhim", "clam_sb", "dsmil", "dtfd", "maxmil", "meanmil", "msmil", "transmil", "zoommil"]
 
 
 @pytest.mark.parametrize("name", NAMES)

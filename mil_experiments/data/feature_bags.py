@@ -170,6 +170,10 @@ class FeatureBagsDataModule(BagDataModule):
         first = next(iter(loaded.values()))
         self.instance_shape = (first.feature_dim,)
         self.magnifications = first.magnifications
+        self.level_layouts = {
+            str(paths[s]): LevelLayout(tuple(f.magnifications), tuple(f.features[m].shape[0] for m in f.magnifications))
+            for s, f in loaded.items() if len(f.magnifications) > 1
+        }  # file -> its levels, for multi-level aggregators to check before training
         cache = {s: slide_to_bag(s, self._labels[s], f, c.instance_label_threshold) for s, f in loaded.items()} if c.preload else None
         sets = []
         for split in SPLITS:
