@@ -17,14 +17,15 @@ decays by cosine to 0 per iteration (`mrh_sche`), the momentum rises by cosine t
 Two stages: the teacher is initialised from a stage-1 run of the plain aggregator
 (`teacher_init=<run folder or its selected.ckpt>`: every aggregator weight, and the
 encoder's when it has any), the student's first fc too with `init_stu_type=fc`
-(`all`: every weight). `scripts/mhim_two_stage.py` runs both stages of a fold.
+(`all`: every weight). Stage 1 is the same command with `method=abmil` (same aggregator, seed, fold).
 
 Validation and test evaluate the student (selection on its metrics); the teacher's are
 logged beside them as `val/teacher_*` and `test/teacher_*`.
 
 Masked instances are not in the student's graph, so their rows of dL/dZ are exactly
-zero: with an encoder in the loop and `engine=acc engine.skip_zero_grad_chunks=true
-engine.gather_nonzero_rows=true` only the kept instances are re-encoded with grad.
+zero (tested). With an encoder in the loop, `engine=acc engine.skip_zero_grad_chunks=true`
+skips re-encoding a chunk only when all of its rows are masked; gathering the kept rows into
+dense chunks is not done yet.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ class MHIM(MILMethod):
                 if str(getattr(self, key)) not in choices:
                     raise ConfigError(f"method.{key}={getattr(self, key)!r}: choose one of {choices}")
             if self.teacher_init is None and not self.allow_random_teacher:
-                raise ConfigError("method.teacher_init is not set: give the stage-1 run (scripts/mhim_two_stage.py runs both"
-                                  " stages), or method.allow_random_teacher=true for a random teacher")
+                raise ConfigError("method.teacher_init is not set: give the stage-1 run folder (the same command with method=abmil)"
+                                  ", or method.allow_random_teacher=true for a random teacher")
             if self.teacher_init is None and self.init_stu_type != "none":
                 raise ConfigError(f"method.init_stu_type={self.init_stu_type} needs method.teacher_init")
 

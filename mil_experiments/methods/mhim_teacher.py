@@ -61,7 +61,7 @@ def stage_one_state(path: str | Path, prefix: str = AGGREGATOR_PREFIX) -> dict[s
         path = path / "checkpoints" / "selected.ckpt"
         where = f"method.teacher_init: {path}"
     if not path.is_file():
-        raise ConfigError(f"{where}: no such checkpoint (train stage 1 first: scripts/mhim_two_stage.py)")
+        raise ConfigError(f"{where}: no such checkpoint (train stage 1 first: the same command with method=abmil, then method.teacher_init=<its run folder>)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises pickle / zip errors of several types

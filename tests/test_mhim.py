@@ -1,0 +1,159 @@
+"""MHIM-MIL (method=mhim): masks, schedules, EMA, consistency loss, teacher initialisation, training."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mil_experiments.errors import ConfigError
+from mil_experiments.methods.mhim_masks import MaskRatios, mhim_masks, select
+from mil_experiments.methods.mhim_teacher import consistency_loss, cosine_value, ema_update, stage_one_state
+
+ATTENTION = torch.tensor([0.30, 0.05, 0.20, 0.01, 0.15, 0.02, 0.12, 0.08, 0.04, 0.03])  # (10,)
+
+
+def test_low_attention_mask_is_the_lowest_ceil_n_ratio_instances():
+    kept, masked = mhim_masks(ATTENTION, MaskRatios(low=0.25))
+    assert masked.tolist() == [3, 5, 9]  # ceil(10 * 0.25) = 3 lowest
+    assert kept.tolist() == [0, 1, 2, 4, 6, 7, 8]
+
+
+def test_high_attention_mask_without_randomness_is_the_top_instances():
+    _, masked = mhim_masks(ATTENTION, MaskRatios(high=0.2, high_random=1.0))
+    assert masked.tolist() == [0, 2]
+
+
+def test_randomly_ham_masks_a_random_share_of_the_top_candidates():
+    top4 = {0, 2, 4, 6}  # top ceil(10 * 0.2 / 0.5) = 4
+    seen = set()
+    for seed in range(40):
+        _, masked = mhim_masks(ATTENTION, MaskRatios(high=0.2, high_random=0.5), generator=torch.Generator().manual_seed(seed))
+        assert len(masked) == 2 and set(masked.tolist()) <= top4  # ceil(4 * 0.5) = 2 of them
+        seen |= set(masked.tolist())
+    assert seen == top4  # every candidate gets masked sometimes
+
+
+def test_random_mask_is_uniform_of_size_ceil_n_ratio():
+    counts = np.zeros(10)
+    for seed in range(600):
+        _, masked = mhim_masks(ATTENTION, MaskRatios(random=0.3), generator=torch.Generator().manual_seed(seed))
+        assert len(masked) == 3
+        counts[masked.numpy()] += 1
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
+
+
+def test_masks_combine_as_a_union_so_overlaps_shrink_the_masked_count():
+    generator = torch.Generator().manual_seed(3)
+    _, masked = mhim_masks(ATTENTION, MaskRatios(random=0.3, low=0.3), generator=generator)
+    replay = torch.Generator().manual_seed(3)
+    parts = [set(select(ATTENTION, False, 0.3, 0.001, generator=replay).tolist()), set(select(ATTENTION, False, 0.3).tolist())]
+    assert set(masked.tolist()) == parts[0] | parts[1]
+    assert len(masked) <= 6
+
+
+def test_head_voting_takes_the_instances_most_heads_rank_highest():
+    attention = torch.tensor([[0.9, 0.8, 0.0, 0.0, 0.1],
+                              [0.9, 0.0, 0.8, 0.0, 0.1],
+                              [0.9, 0.8, 0.0, 0.1, 0.0]])  # (H=3, N=5)
+    _, masked = mhim_masks(attention, MaskRatios(high=0.4), fusion="vote")  # k = 2 per head
+    assert masked.tolist() == [0, 1]  # votes: 0 -> 3, 1 -> 2, 2 -> 1
+
+
+def test_cosine_schedules_start_at_base_and_end_at_final():
+    assert cosine_value(0.02, 0.0, 0, 100) == pytest.approx(0.02)
+    assert cosine_value(0.02, 0.0, 50, 100) == pytest.approx(0.01)
+    assert cosine_value(0.02, 0.0, 100, 100) == 0.0
+    assert cosine_value(0.9999, 1.0, 0, 10) == pytest.approx(0.9999)
+    assert cosine_value(0.9999, 1.0, 10, 10) == 1.0
+
+
+def test_ema_after_one_step_by_hand():
+    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    before_t, before_s = teacher.weight.detach().clone(), student.weight.detach().clone()
+    ema_update(teacher, student, 0.9)
+    assert torch.allclose(teacher.weight, 0.9 * before_t + 0.1 * before_s)
+
+
+def test_consistency_loss_against_a_hand_computation_with_the_teacher_detached():
+    student = torch.tensor([1.0, 0.0, -1.0], requires_grad=True)
+    teacher = torch.tensor([0.2, 0.1, 0.0], requires_grad=True)
+    loss = consistency_loss(student, teacher, temp_student=1.0, temp_teacher=0.1)
+    p = np.exp(np.array([2.0, 1.0, 0.0]))
+    p /= p.sum()
+    log_q = np.array([1.0, 0.0, -1.0]) - math.log(np.exp([1.0, 0.0, -1.0]).sum())
+    assert float(loss.detach()) == pytest.approx(-(p * log_q).sum(), rel=1e-6)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_teacher_initialisation_refuses_missing_and_foreign_checkpoints(tmp_path):
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        stage_one_state(tmp_path / "nothing.ckpt")
+    torch.save({"weights": 1}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ConfigError, match="not a run checkpoint"):
+        stage_one_state(tmp_path / "foreign.ckpt")
+    torch.save({"state_dict": {"encoder.w": torch.zeros(1)}}, tmp_path / "empty.ckpt")
+    with pytest.raises(ConfigError, match="no aggregator weights"):
+        stage_one_state(tmp_path / "empty.ckpt")
+
+
+@pytest.fixture
+def feature_bags(tmp_path):
+    from mil_experiments.data.feature_files import write_feature_file
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "bags"
+    root.mkdir()
+    rows = [("slide_id", "label")]
+    for i in range(12):
+        label = i % 2
+        features = rng.standard_normal((8, 6)).astype(np.float32) + label  # (8, 6)
+        write_feature_file(root / f"s{i:02d}.h5", {20.0: features}, {20.0: rng.integers(0, 99, (8, 2))}, {"extractor": "test"})
+        rows.append((f"s{i:02d}", label))
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return root
+
+
+def _overrides(root, *extra):
+    return ["dataset=feature_bags", f"dataset.root={root}", "dataset.split=kfold", "dataset.num_folds=3", "encoder=identity",
+            "aggregator=abmil_mhim", "aggregator.dim=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+            "logger=none", "evaluation.bootstrap=0", "telemetry.count_saved_tensors=false", *extra]
+
+
+def test_mhim_trains_from_a_stage_one_run_and_refuses_a_mismatched_one(feature_bags, tmp_path):
+    from mil_experiments.api import compose_config
+    from mil_experiments.experiment import build_experiment
+    from mil_experiments.run import train_and_test
+
+    stage_one = tmp_path / "stage1"
+    train_and_test(compose_config(_overrides(feature_bags, "method=abmil", "method.binary_head=two_logits")), stage_one)
+    stage_two = tmp_path / "stage2"
+    results = train_and_test(compose_config(_overrides(
+        feature_bags, "method=mhim", f"method.teacher_init={stage_one}", "method.init_stu_type=fc",
+        "method.mask_ratio=0.25", "method.mask_ratio_h=0.2", "method.mask_ratio_hr=0.5", "method.cl_alpha=0.1")), stage_two)
+    assert "test/teacher_auc" in results["test"] and "test/auc" in results["test"]
+    header = open(stage_two / "metrics.csv").readline()
+    assert "train/loss_consistency" in header and "val/teacher_auc" in header
+    with pytest.raises(ConfigError, match="does not fit"):
+        build_experiment(compose_config(_overrides(feature_bags, "method=mhim", f"method.teacher_init={stage_one}",
+                                                   "aggregator.dim=32")), tmp_path / "refused")
+    with pytest.raises(ConfigError, match="method.teacher_init is not set"):
+        build_experiment(compose_config(_overrides(feature_bags, "method=mhim")), tmp_path / "refused2")
+
+
+def test_masked_instances_get_exactly_zero_feature_gradient(feature_bags):
+    from mil_experiments.api import compose_experiment
+
+    exp = compose_experiment(_overrides(feature_bags, "method=mhim", "method.allow_random_teacher=true", "method.mask_ratio_l=0.5"))
+    exp.datamodule.setup("fit")
+    bag = exp.datamodule.train_set[0]
+    features = bag.instances.clone().requires_grad_(True)  # (8, 6)
+    exp.method.train()
+    exp.method.head_for(bag)(features).loss.backward()
+    zero_rows = (features.grad == 0).all(dim=1)  # (8,)
+    assert int(zero_rows.sum()) == 4 == bag.size - exp.method.last_kept
