@@ -78,8 +78,12 @@ def _train(engine, aggregator: str, n: int, steps: int, rank_bags: bool = False)
         if engine is None:  # one device; `rank_bags`: both ranks' bags, gradient averaged
             bags = [_bag(n + r, 10 * step + r) for r in range(WORLD)] if rank_bags else [_bag(n, 10 * step)]
             loss = 0.0
+
+            def averaged(bag_loss_: torch.Tensor, share: int = len(bags)) -> None:
+                (bag_loss_ / share).backward()
+
             for x, y in bags:
-                result = FullBagEngine().backward_bag(encoder, _head(head, y), x, backward=lambda loss_, k=len(bags): (loss_ / k).backward())
+                result = FullBagEngine().backward_bag(encoder, _head(head, y), x, backward=averaged)
                 loss += float(result.loss) / len(bags)
         else:
             x, y = _bag(n + rank, 10 * step + rank) if rank_bags else _bag(n, 10 * step)
