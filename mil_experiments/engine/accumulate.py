@@ -150,11 +150,11 @@ def accumulate_gradients(
         parts.append(last_features.detach())
     local = torch.cat(parts) if parts else _empty_features(encoder, instances)  # (n, D)
     exchange = exchange or FeatureExchange()
-    features = exchange.gather(local).detach().requires_grad_(True)  # (N, D)
-    result = head(features)
-    backward(result.loss)  # head grads and dL/dZ
+    gathered = exchange.gather(local)  # (N, D); None where this process runs no head
+    features = gathered.detach().requires_grad_(True) if gathered is not None else None  # (N, D)
+    result = exchange.run_head(head, features, backward)  # head grads and dL/dZ
     rng_after_head = _rng_state(device)
-    feature_grad = exchange.scatter(_grad_or_zeros(features))  # (n, D)
+    feature_grad = exchange.scatter(_grad_or_zeros(features) if features is not None else None)  # (n, D)
     if keep_last and encoder_trains:
         torch.autograd.backward(last_features, feature_grad[slices[-1]])
     for i, piece in enumerate(no_grad_slices if encoder_trains else []):
@@ -165,7 +165,7 @@ def accumulate_gradients(
         chunk_features = encoder(instances[piece])  # (c, D)
         torch.autograd.backward(chunk_features, rows)
     _set_rng_state(rng_after_head, device)
-    return result.detach()
+    return result
 
 
 def _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters, encoder_trains) -> HeadResult:
