@@ -32,6 +32,7 @@ from mil_experiments.data.slide_splits import (
     protocol_split,
     read_labels,
     read_splits,
+    sets_of,
 )
 from mil_experiments.errors import ConfigError, DataError
 
@@ -137,8 +138,7 @@ class FeatureBagsDataModule(BagDataModule):
         """The train / val / test slide ids of `dataset.split` (see `slide_splits`)."""
         c = self.config
         if c.split == "kfold":
-            split_of = kfold_splits(self._labels, c.num_folds, c.fold, c.val_fraction, c.split_seed)
-            return {split: sorted(s for s, v in split_of.items() if v == split) for split in SPLITS}
+            return sets_of(kfold_splits(self._labels, c.num_folds, c.fold, c.val_fraction, c.split_seed))
         if c.split in ("mhim_c16", "mhim_tcga", "holdout"):
             return protocol_split(c.split, self._labels, c.fold, c.split_seed)
         splits = read_splits(self._resolve(c.splits_csv))
@@ -147,7 +147,7 @@ class FeatureBagsDataModule(BagDataModule):
             raise DataError(f"{self._resolve(c.splits_csv)}: {len(unknown)} slides have no label, e.g. {unknown[:3]}")
         if c.split == "csv_trainval":
             return protocol_split(c.split, self._labels, c.fold, c.split_seed, official=splits)
-        return {split: sorted(s for s, v in splits.items() if v == split) for split in SPLITS}
+        return sets_of(splits)
 
     def build_splits(self) -> tuple[FeatureBagDataset, FeatureBagDataset, FeatureBagDataset]:
         c = self.config

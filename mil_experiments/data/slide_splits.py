@@ -222,6 +222,11 @@ def protocol_split(
     raise ConfigError(f"dataset.split={rule!r}: choose one of {SPLIT_RULES}")
 
 
+def sets_of(assignment: dict[str, str]) -> dict[str, list[str]]:
+    """slide id -> split  =>  split -> its sorted slide ids (every split of `SPLITS`, maybe empty)."""
+    return {split: sorted(s for s, v in assignment.items() if v == split) for split in SPLITS}
+
+
 def write_split_table(path: Path, sets: dict[str, list[str]]) -> None:
     """The split a run used, as `slide_id,split` rows (a slide used twice, as MHIM's C16 test
     fold is for validation too, has two rows)."""
