@@ -51,6 +51,7 @@ class BagEvaluation:
         passes: per pass, (rows of the bag it pooled, instance scores (rows,) or None,
             its predicted label).
         looks: per pass, (loss, probability, predicted label).
+        bag_id: the bag's id (slide id), when it has one.
     """
 
     loss: float
@@ -60,6 +61,7 @@ class BagEvaluation:
     instance_labels: np.ndarray | None
     passes: list[tuple[np.ndarray, np.ndarray | None, int]]
     looks: list[tuple[float, torch.Tensor, int]]
+    bag_id: str | None = None
 
 
 @torch.no_grad()
@@ -93,6 +95,7 @@ def evaluate_bag(method, bag: Bag, percent: float, passes: int) -> BagEvaluation
         instance_labels=None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
         passes=pass_records,
         looks=looks,
+        bag_id=None if bag.bag_id is None else str(bag.bag_id),
     )
 
 

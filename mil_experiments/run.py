@@ -130,10 +130,11 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
 
 def _protocol_report(experiment, output_dir: Path, val_records) -> dict:
     """The evaluation protocols' metrics of the test (first inference setting) and its confusion matrix PNG."""
-    from mil_experiments.test_report import protocol_results, write_confusion_png
+    from mil_experiments.test_report import protocol_results, write_confusion_png, write_predictions_csv
 
     method, config = experiment.method, experiment.checked.evaluation
     records = next(iter(method._test_records.values()))
+    write_predictions_csv(output_dir / "test_predictions.csv", records, method.num_classes)
     if config.confusion_matrix:
         write_confusion_png(output_dir / "confusion_matrix.png", records, method.num_classes, experiment.datamodule.describe().class_names)
     return {k: v for k, v in protocol_results(records, method.num_classes, config, val_records).items() if k not in ("test/accuracy", "test/auc", "test/f1_weighted")}

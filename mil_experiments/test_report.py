@@ -64,6 +64,19 @@ def protocol_results(
     return results
 
 
+def write_predictions_csv(path: Path, records: list[BagEvaluation], num_classes: int) -> None:
+    """One row per test bag: bag_id, label, predicted, the class probabilities (p_<k>) and the loss."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["bag_id", "label", "predicted", *[f"p_{k}" for k in range(num_classes)], "loss"])
+        for r in records:
+            p = r.probability.double().reshape(-1)  # (C,) or (1,): the positive class's probability
+            probabilities = [1.0 - float(p[0]), float(p[0])] if num_classes == 2 and p.numel() == 1 else [float(v) for v in p]
+            writer.writerow([r.bag_id, r.label, r.predicted, *[f"{v:.6f}" for v in probabilities], f"{r.loss:.6f}"])
+
+
 def write_confusion_png(path: Path, records: list[BagEvaluation], num_classes: int, class_names: list[str] | tuple[str, ...]) -> None:
     """The test confusion matrix (rows: true class, columns: predicted) as a PNG, counts in the cells."""
     import matplotlib

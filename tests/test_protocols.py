@@ -238,6 +238,11 @@ def test_a_two_fold_multirun_writes_splits_metrics_and_the_fold_summary(tiny_fea
                     "test/auc_ci_low", "test/accuracy_ci_high", "test/f1_class1"):
             assert key in results, key
         assert (sweep / job / "confusion_matrix.png").stat().st_size > 0
+        predictions = list(csv.DictReader(open(sweep / job / "test_predictions.csv")))
+        assert {p["bag_id"] for p in predictions} == test
+        hits = [int(p["predicted"]) == int(p["label"]) for p in predictions]
+        assert np.mean(hits) == pytest.approx(results["test/accuracy"])
+        assert all(float(p["p_0"]) + float(p["p_1"]) == pytest.approx(1.0, abs=1e-5) for p in predictions)
     summary = list(csv.DictReader(open(sweep / "fold_summary.csv")))
     accuracy = next(r for r in summary if r["metric"] == "accuracy")
     folds = [json.loads((sweep / j / "results.json").read_text())["test"]["test/accuracy"] for j in ("0", "1")]

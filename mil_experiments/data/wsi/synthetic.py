@@ -216,6 +216,19 @@ def _draw_nuclei(canvas: np.ndarray, rng: np.random.Generator, points: np.ndarra
         cv2.ellipse(canvas, centre, axis, angle, 0, 360, value, thickness=-1, lineType=cv2.LINE_AA, shift=shift)
 
 
+def stroma_shade(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w) multiplicative shade of pink fibrous stroma: two fibre orientations mixed by a smooth field."""
+    half = (h // 2, w // 2)
+    fibres_a = cv2.GaussianBlur(rng.standard_normal(half, dtype=np.float32), (0, 0), sigmaX=5.0, sigmaY=0.7)
+    fibres_b = cv2.GaussianBlur(rng.standard_normal(half, dtype=np.float32), (0, 0), sigmaX=0.7, sigmaY=5.0)
+    coarse_shape = (max(1, h // 32), max(1, w // 32))
+    mix = cv2.resize(1.0 / (1.0 + np.exp(-3.0 * _smooth_noise(rng, coarse_shape, 2.0))), half[::-1])  # (h/2, w/2)
+    fibres = mix * fibres_a + (1.0 - mix) * fibres_b  # (h/2, w/2)
+    fibres *= 0.07 / (fibres.std() + 1e-6)
+    fibres += 0.05 * cv2.resize(_smooth_noise(rng, coarse_shape, 4.0), half[::-1])
+    return cv2.resize(1.0 - np.clip(fibres, -0.3, 0.3), (w, h), interpolation=cv2.INTER_LINEAR)  # (h, w)
+
+
 def generate_slide(rng: np.random.Generator, positive: bool, cfg: SyntheticSlideConfig) -> SyntheticSlide:
     """Draw one slide (level 0 only) and its tumour mask."""
     h, w = cfg.height, cfg.width
@@ -259,17 +272,7 @@ def generate_slide(rng: np.random.Generator, positive: bool, cfg: SyntheticSlide
         pts = _scatter_points(rng, lymphoid_mask, cfg.lymphocyte_spacing)
         _draw_nuclei(nuclei, rng, pts, cfg.lymphocyte_radius, (200, 240), 0.1)
 
-    # --- stroma: pink, fibrous (two fibre orientations mixed by a smooth field) --------------
-    half = (h // 2, w // 2)
-    fibres_a = cv2.GaussianBlur(rng.standard_normal(half, dtype=np.float32), (0, 0), sigmaX=5.0, sigmaY=0.7)
-    fibres_b = cv2.GaussianBlur(rng.standard_normal(half, dtype=np.float32), (0, 0), sigmaX=0.7, sigmaY=5.0)
-    coarse_shape = (max(1, h // 32), max(1, w // 32))
-    mix = cv2.resize(1.0 / (1.0 + np.exp(-3.0 * _smooth_noise(rng, coarse_shape, 2.0))), half[::-1])  # (h/2, w/2)
-    fibres = mix * fibres_a + (1.0 - mix) * fibres_b  # (h/2, w/2)
-    fibres *= 0.07 / (fibres.std() + 1e-6)
-    fibres += 0.05 * cv2.resize(_smooth_noise(rng, coarse_shape, 4.0), half[::-1])
-    shade = cv2.resize(1.0 - np.clip(fibres, -0.3, 0.3), (w, h), interpolation=cv2.INTER_LINEAR)  # (h, w)
-    del fibres_a, fibres_b, fibres, mix
+    shade = stroma_shade(rng, h, w)  # (h, w)
 
     # soften the drawn polygons into round nuclei
     a_normal = cv2.GaussianBlur(nuclei, (0, 0), 0.6).astype(np.float32) / 255.0  # (h, w)
