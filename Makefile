@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench clean-outputs
+.PHONY: install demo test test-slow lint bench cohorts clean-outputs
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (torch 2.14.1 is installed from local files for Python 3.11)"; exit 1; }
@@ -29,3 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_acc.py
+
+# The benchmark cohorts (c16_like, tcga_like, bright_like): slides, masks, LeNet features -> data/cohorts/
+cohorts: $(STAMP)
+	$(PY) scripts/make_cohorts.py
