@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -157,3 +158,108 @@ def test_masked_instances_get_exactly_zero_feature_gradient(feature_bags):
     exp.method.head_for(bag)(features).loss.backward()
     zero_rows = (features.grad == 0).all(dim=1)  # (8,)
     assert int(zero_rows.sum()) == 4 == bag.size - exp.method.last_kept
+
+
+# --- recipe presets (conf/experiment/mhim_*.yaml) and the two-stage script ----------------------
+
+# MHIM-MIL v1 (DearCaat/MHIM-MIL branch v1): main.py argparse defaults and dataset branches, and
+# the README's recipe flags (docs/mhim.md, official_code_notes.md section 3).
+OFFICIAL_PROTOCOL = {
+    "c16": {"dataset.name": "c16_like", "dataset.split": "mhim_c16", "early_stopping.patience": 30, "early_stopping.min_epoch": 130},
+    "tcga": {"dataset.name": "tcga_like", "dataset.split": "mhim_tcga", "early_stopping.patience": 20, "early_stopping.min_epoch": 70},
+}
+OFFICIAL_COMMON = {"seed": 2021, "encoder.name": "identity", "method.optimizer.name": "adam", "method.optimizer.lr": 2e-4,
+                   "method.optimizer.weight_decay": 1e-5, "method.scheduler.name": "cosine", "method.binary_head": "two_logits",
+                   "trainer.max_epochs": 200, "early_stopping.enabled": True, "early_stopping.monitor": "val/auc",
+                   "selection.rule": "best_val_auc", "evaluation.threshold_from": "same"}
+OFFICIAL_RECIPES = {
+    ("abmil", "c16"): {"cl_alpha": 0.1, "mask_ratio": 0.5, "mask_ratio_l": 0.0, "mask_ratio_h": 0.01, "mask_ratio_hr": 0.5,
+                       "mrh_sche": True, "mm_sche": False},
+    ("abmil", "tcga"): {"cl_alpha": 0.5, "mask_ratio": 0.7, "mask_ratio_l": 0.2, "mask_ratio_h": 0.02, "mask_ratio_hr": 1.0,
+                        "mrh_sche": True, "mm_sche": True},
+    ("transmil", "c16"): {"cl_alpha": 0.1, "mask_ratio": 0.0, "mask_ratio_l": 0.8, "mask_ratio_h": 0.03, "mask_ratio_hr": 0.5,
+                          "mrh_sche": True, "mm_sche": True},
+    ("transmil", "tcga"): {"cl_alpha": 0.5, "mask_ratio": 0.6, "mask_ratio_l": 0.2, "mask_ratio_h": 0.02, "mask_ratio_hr": 1.0,
+                           "mrh_sche": True, "mm_sche": False},
+}
+OFFICIAL_MHIM = {"cls_alpha": 1.0, "temp_teacher": 0.1, "temp_student": 1.0, "mm": 0.9999, "mm_final": 1.0, "msa_fusion": "vote",
+                 "attn_layer": "0", "init_stu_type": "fc", "teacher_mode": "train"}
+
+
+def _value(cfg, dotted):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, dotted)
+
+
+@pytest.mark.parametrize("backbone,cohort", sorted(OFFICIAL_RECIPES))
+def test_recipe_presets_compose_without_data_and_hold_the_official_values(backbone, cohort):
+    from mil_experiments.api import compose_config
+    from mil_experiments.config import validate
+
+    aggregator = {"abmil": "abmil_mhim", "transmil": "transmil"}[backbone]
+    stage_one = compose_config([f"experiment=mhim_{backbone}_{cohort}_baseline"])
+    stage_two = compose_config([f"experiment=mhim_{backbone}_{cohort}", "method.teacher_init=/stage1/run"])
+    for cfg in (stage_one, stage_two):
+        validate(cfg)  # every key known and typed, no data needed
+        expected = {**OFFICIAL_COMMON, **OFFICIAL_PROTOCOL[cohort], "aggregator.name": aggregator}
+        assert {k: _value(cfg, k) for k in expected} == pytest.approx(expected)
+        if backbone == "transmil":
+            assert cfg.aggregator.input_dropout == 0.25 and cfg.aggregator.heads == 8  # v1 patch_to_emb dropout, --n_heads
+    assert stage_one.method.name == "abmil" and stage_two.method.name == "mhim"
+    expected = {**OFFICIAL_MHIM, **OFFICIAL_RECIPES[(backbone, cohort)]}
+    assert {k: stage_two.method[k] for k in expected} == pytest.approx(expected)
+    assert stage_two.dataset.split_seed == stage_one.dataset.split_seed and stage_two.seed == stage_one.seed  # same folds
+    with pytest.raises(ConfigError, match="method.teacher_init is not set"):
+        validate(compose_config([f"experiment=mhim_{backbone}_{cohort}"]))
+
+
+def test_two_stage_script_trains_both_stages_with_the_teacher_from_stage_one(tmp_path):
+    import importlib.util
+
+    from tests.conftest import REPO, TINY
+
+    spec = importlib.util.spec_from_file_location("mhim_two_stage", REPO / "scripts" / "mhim_two_stage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "two"
+    tiny = [*TINY, "telemetry.count_saved_tensors=false", "aggregator=abmil_mhim", "aggregator.dim=16", "aggregator.attention_dim=8"]
+    # mm=1: the teacher never moves, so after training it still holds stage 1's selected weights
+    assert script.main(["--out", str(out), *tiny, "--stage2", "method.mask_ratio=0.5", "--stage2", "method.mm=1.0"]) == 0
+    one, two = out / "stage1" / "run", out / "stage2" / "run"
+    for run in (one, two):
+        assert (run / "results.json").is_file() and (run / "checkpoints" / "selected.ckpt").is_file()
+    assert json.loads((two / "results.json").read_text())["method"] == "mhim"
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(two / "config.yaml").method.teacher_init == str(one)
+    stage_one = torch.load(one / "checkpoints" / "selected.ckpt", weights_only=False)["state_dict"]
+    stage_two = torch.load(two / "checkpoints" / "selected.ckpt", weights_only=False)["state_dict"]
+    teacher = {k.removeprefix("teacher."): v for k, v in stage_two.items() if k.startswith("teacher.")}
+    aggregator = {k.removeprefix("aggregator."): v for k, v in stage_one.items() if k.startswith("aggregator.")}
+    assert teacher.keys() == aggregator.keys() and all(torch.equal(teacher[k], aggregator[k]) for k in teacher)
+    table = (out / "comparison.md").read_text()
+    assert "abmil [abmil_mhim, full]" in table and "mhim [abmil_mhim, full]" in table
+
+
+def test_two_stage_script_runs_an_official_recipe_on_feature_bags(feature_bags, tmp_path):
+    """The recipe path: presets mhim_abmil_c16_baseline then mhim_abmil_c16, fold 0 of the mhim_c16 split."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("mhim_two_stage", REPO / "scripts" / "mhim_two_stage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "recipe"
+    assert script.main(["--recipe", "abmil_c16", "--folds", "0", "--out", str(out), f"dataset.root={feature_bags}",
+                        "aggregator.dim=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none",
+                        "evaluation.bootstrap=0", "evaluation.confusion_matrix=false", "telemetry.count_saved_tensors=false"]) == 0
+    one = OmegaConf.load(out / "stage1" / "fold0" / "config.yaml")
+    two = OmegaConf.load(out / "stage2" / "fold0" / "config.yaml")
+    assert one.method.name == "abmil" and two.method.name == "mhim" and two.method.mask_ratio == 0.5
+    assert two.method.teacher_init == str(out / "stage1" / "fold0")
+    assert one.dataset.fold == two.dataset.fold == 0 and one.dataset.split == two.dataset.split == "mhim_c16"
+    assert (out / "stage1" / "fold0" / "splits.csv").read_text() == (out / "stage2" / "fold0" / "splits.csv").read_text()
