@@ -212,6 +212,10 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
         evaluation=_checked(EvaluationConfig, cfg.get("evaluation") or OmegaConf.create({}), "evaluation"),
         early_stopping=_checked(EarlyStoppingConfig, cfg.get("early_stopping") or OmegaConf.create({}), "early_stopping"),
     )
+    if getattr(engine, "config", None) is not None and getattr(engine.config, "skip_zero_grad_rows", False) \
+            and getattr(validated.encoder, "norm", None) == "batch":
+        raise ConfigError("engine.skip_zero_grad_rows=true re-encodes the kept rows in new chunks, where batch norm would"
+                          " see other statistics: use encoder.norm=group|none (or engine.skip_zero_grad_chunks=true)")
     validated.evaluation.check()
     validated.early_stopping.check()
     if validated.logger.name not in LOGGERS:

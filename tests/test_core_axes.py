@@ -35,7 +35,7 @@ def fit(experiment, epochs: int = 1) -> L.Trainer:
 def test_engine_acc_with_any_aggregator_from_the_command_line_names(tiny, tmp_path):
     results = train_and_test(compose_config(tiny + FAST + ["engine=acc", "alpha=10", "aggregator=abmil"]), tmp_path)
     assert results["engine"] == {"name": "acc", "alpha": 10.0, "acc_mode": "cached", "acc_keep_last_chunk": False,
-                                 "skip_zero_grad_chunks": False, "chunk_size": 1}
+                                 "skip_zero_grad_chunks": False, "skip_zero_grad_rows": False, "chunk_size": 1}
     assert results["aggregator"] == "abmil" and results["method"] == "abmil"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["engine"]["alpha"] == 10.0

@@ -115,7 +115,7 @@ def test_engines_as_config_axis():
     assert engine.last_chunk_size == 3 and full.last_chunk_size == 23
     assert_same_gradients(gradients(encoder, aggregator), reference)
     assert engine.settings() == {"name": "acc", "alpha": 10, "acc_mode": "cached", "acc_keep_last_chunk": False,
-                                 "skip_zero_grad_chunks": False}
+                                 "skip_zero_grad_chunks": False, "skip_zero_grad_rows": False}
     with pytest.raises(ValueError, match=r"engine.alpha=0: must be in \(0, 100\]"):
         AccumulationEngine(alpha=0)
     with pytest.raises(ValueError, match="need acc_mode=cached"):

@@ -263,3 +263,66 @@ def test_two_stage_script_runs_an_official_recipe_on_feature_bags(feature_bags, 
     assert two.method.teacher_init == str(out / "stage1" / "fold0")
     assert one.dataset.fold == two.dataset.fold == 0 and one.dataset.split == two.dataset.split == "mhim_c16"
     assert (out / "stage1" / "fold0" / "splits.csv").read_text() == (out / "stage2" / "fold0" / "splits.csv").read_text()
+
+
+# --- end to end: the kept rows re-encoded in dense chunks (engine.skip_zero_grad_rows) -----------
+
+def _mhim_on_tiles(*extra):
+    from mil_experiments.api import compose_experiment
+    from tests.conftest import TINY
+
+    exp = compose_experiment([*TINY, "dataset.bag_size=20", "telemetry.count_saved_tensors=false", "engine=acc", "alpha=25",
+                              "engine.skip_zero_grad_rows=true", "method=mhim", "method.allow_random_teacher=true",
+                              "aggregator=abmil_mhim", "aggregator.dim=16", "aggregator.attention_dim=8",
+                              "method.mask_ratio=0.5", "method.mask_ratio_l=0.2", *extra])
+    exp.datamodule.setup("fit")
+    return exp
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_kept_rows_in_dense_chunks_give_the_full_bag_gradient_in_float64(keep_last):
+    exp = _mhim_on_tiles(f"engine.acc_keep_last_chunk={str(keep_last).lower()}")
+    method = exp.method.double()
+    method.train()
+    bag = exp.datamodule.train_set[0]
+    instances = bag.instances.double()  # (20, 1, 28, 28) tiles
+    head = method.head_for(bag)
+    parameters = method.trainable_parameters()
+
+    torch.manual_seed(5)
+    head(method.encoder(instances)).loss.backward()  # the full-bag reference: one forward with the graph
+    reference = [p.grad.clone() for p in parameters]
+    method.zero_grad()
+    encoded = []
+    method.encoder.register_forward_hook(lambda module, args, out: encoded.append((args[0].shape[0], torch.is_grad_enabled())))
+    torch.manual_seed(5)
+    method.engine.backward_bag(method.encoder, head, instances, head_parameters=method.head_parameters())
+    worst = max(float((p.grad - r).abs().max() / r.abs().max().clamp_min(1e-30)) for p, r in zip(parameters, reference, strict=True))
+    assert worst <= 1e-6
+    chunk = method.engine.last_chunk_size  # ceil(25% of 20) = 5
+    kept = method.last_kept  # 20 minus the union of 10 random and 4 low-attention rows
+    with_grad = [size for size, grad in encoded if grad]
+    assert chunk == 5 and kept < 10 and all(size <= chunk for size, _ in encoded)
+    assert sum(size for size, grad in encoded if not grad) == 20 - (chunk if keep_last else 0)  # the no-grad pass
+    if keep_last:  # the last chunk encoded once with its graph, then the kept rows before it
+        assert with_grad[0] == chunk and kept - chunk <= sum(with_grad[1:]) <= kept
+    else:
+        assert sum(with_grad) == kept and len(with_grad) == math.ceil(kept / chunk)  # dense chunks of the kept rows only
+
+
+def test_kept_row_chunks_refuse_encoders_whose_rows_depend_on_their_chunk():
+    from mil_experiments.api import compose_config
+    from mil_experiments.config import validate
+    from mil_experiments.engine import HeadResult, accumulate_gradients
+
+    bag = torch.randn(6, 3)  # (6, 3)
+
+    def head(features):
+        return HeadResult(features.sum())
+
+    for encoder in (torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)),
+                    torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1))):
+        with pytest.raises(ValueError, match="skip_zero_grad_rows re-encodes the kept rows"):
+            accumulate_gradients(encoder.train(), head, bag, 2, skip_zero_grad_rows=True)
+    with pytest.raises(ConfigError, match="engine.skip_zero_grad_rows=true .* encoder.norm=group"):
+        validate(compose_config(["encoder=resnet_bottleneck", "engine=acc", "engine.skip_zero_grad_rows=true"]))

@@ -15,6 +15,12 @@ chunk's rows of dL/dZ. The engine runs in three phases:
 3. scatter dL/dZ back, re-encode each chunk with grad and backpropagate dL/dZ[chunk]
    into it; a chunk whose dL/dZ rows are all exactly zero (masked or unselected
    instances) can be skipped (`skip_zero_grad_chunks`): its contribution is zero.
+   `skip_zero_grad_rows` goes further: the rows with a nonzero dL/dZ (MHIM's kept
+   instances) are gathered, re-encoded in dense chunks of at most `chunk_size` and their
+   rows of dL/dZ backpropagated; with K such rows phase 3 costs ceil(K / c) chunk
+   forward-backwards instead of ceil(N / c). Exact when the encoder treats rows
+   independently (no batch norm or dropout in training: refused otherwise), since
+   dL/dtheta = sum_{i: dL/dz_i != 0} (dL/dz_i)(dz_i/dtheta).
 
 `mode="recompute"` does phase 3 as the paper's published code does: for each chunk, re-
 encode it with grad, join it to the detached features of the rest, rerun the head (its
@@ -42,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 from mil_experiments.engine.chunks import chunk_slices
 from mil_experiments.engine.exchange import FeatureExchange
@@ -83,6 +90,7 @@ def accumulate_gradients(
     backward: BackwardFn | None = None,
     keep_last_chunk: bool = False,
     skip_zero_grad_chunks: bool = False,
+    skip_zero_grad_rows: bool = False,
     head_parameters: Iterable[torch.Tensor] | None = None,
     exchange: FeatureExchange | None = None,
 ) -> HeadResult:
@@ -105,6 +113,11 @@ def accumulate_gradients(
         skip_zero_grad_chunks: cached mode only: do not re-encode a chunk whose dL/dZ rows
             are all exactly zero (their gradient contribution is zero; batch norm running
             statistics are then not updated for that chunk).
+        skip_zero_grad_rows: cached mode only: re-encode only the rows whose dL/dZ is not
+            all zero, gathered into dense chunks of at most `chunk_size` (supersedes
+            `skip_zero_grad_chunks`); also for a bag that fits one chunk, so the encoder's
+            backward always covers only those rows. The encoder must treat rows
+            independently: batch norm or dropout in training is refused (ValueError).
         head_parameters: the head's parameters, frozen while the head reruns in recompute
             mode (required there).
         exchange: where features and their gradients cross processes (tile-parallel);
@@ -115,7 +128,7 @@ def accumulate_gradients(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    if mode == "recompute" and (skip_zero_grad_chunks or exchange is not None):
+    if mode == "recompute" and (skip_zero_grad_chunks or skip_zero_grad_rows or exchange is not None):
         raise ValueError("mode='recompute' reruns the head per chunk: it cannot skip chunks or exchange features")
     if mode == "recompute" and head_parameters is None:
         raise ValueError("mode='recompute' needs head_parameters (frozen while the head reruns)")
@@ -125,8 +138,11 @@ def accumulate_gradients(
     batch_norm = _batch_norm_in_training(encoder)
     if batch_norm and n == 1:
         raise ValueError("a bag of 1 instance: batch norm in training needs at least 2 per forward (use group norm or none)")
+    encoder_trains = any(p.requires_grad for p in encoder.parameters())
+    if skip_zero_grad_rows and encoder_trains:
+        _check_rows_independent(encoder)
     slices = chunk_slices(n, chunk_size, balanced=batch_norm) if n else []
-    if len(slices) == 1 and exchange is None:
+    if len(slices) == 1 and exchange is None and not (skip_zero_grad_rows and encoder_trains):
         result = head(encoder(instances))  # (N, D) features with their graph
         backward(result.loss)
         return result.detach()
@@ -141,7 +157,6 @@ def accumulate_gradients(
             parts.append(encoder(instances[piece]))  # (c, D)
 
     # An encoder without trainable parameters (pre-extracted features) needs no phase 3.
-    encoder_trains = any(p.requires_grad for p in encoder.parameters())
     if mode == "recompute":
         return _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backward, head_parameters, encoder_trains)
 
@@ -157,6 +172,11 @@ def accumulate_gradients(
     feature_grad = exchange.scatter(_grad_or_zeros(features) if features is not None else None)  # (n, D)
     if keep_last and encoder_trains:
         torch.autograd.backward(last_features, feature_grad[slices[-1]])
+    if skip_zero_grad_rows and encoder_trains:
+        limit = slices[-1].start if keep_last else n  # the kept last chunk is done
+        _backward_nonzero_rows(encoder, instances[:limit], feature_grad[:limit], chunk_size)
+        _set_rng_state(rng_after_head, device)
+        return result
     for i, piece in enumerate(no_grad_slices if encoder_trains else []):
         rows = feature_grad[piece]  # (c, D)
         if skip_zero_grad_chunks and not bool(rows.any()):
@@ -185,6 +205,31 @@ def _recompute(encoder, head, instances, slices, parts, chunk_rng_states, backwa
             backward(head(joined).loss)  # encoder grads only
     _set_rng_state(rng_after_head, device)
     return result.detach()
+
+
+def nonzero_rows(feature_grad: torch.Tensor) -> torch.Tensor:
+    """(K,) ascending indices of the rows of dL/dZ (N, D) that are not all exactly zero."""
+    return feature_grad.ne(0).any(dim=1).nonzero().squeeze(1)  # (K,)
+
+
+def _backward_nonzero_rows(encoder: nn.Module, instances: torch.Tensor, feature_grad: torch.Tensor, chunk_size: int) -> None:
+    """Phase 3 on the gathered rows with a nonzero dL/dZ: dense chunks of at most `chunk_size`."""
+    rows = nonzero_rows(feature_grad)  # (K,)
+    for piece in chunk_slices(rows.numel(), chunk_size):
+        index = rows[piece]  # (c,)
+        chunk_features = encoder(instances[index])  # (c, D)
+        torch.autograd.backward(chunk_features, feature_grad[index])
+
+
+def _check_rows_independent(encoder: nn.Module) -> None:
+    """Refuse an encoder whose output rows depend on the chunk they are encoded in (training mode)."""
+    for module in encoder.modules():
+        if isinstance(module, _BatchNorm) and module.training:
+            raise ValueError("skip_zero_grad_rows re-encodes the kept rows in new chunks: batch norm in training would"
+                             " normalise them with other statistics (use encoder.norm=group|none)")
+        if isinstance(module, _DropoutNd) and module.training and module.p > 0:
+            raise ValueError("skip_zero_grad_rows re-encodes the kept rows in new chunks: dropout in the encoder"
+                             " cannot be replayed row by row (set its p to 0 or use skip_zero_grad_chunks)")
 
 
 def _batch_norm_in_training(module: nn.Module) -> bool:

@@ -266,6 +266,7 @@ class TileParallelEngine(GradientEngine):
             # full: encode the shard once with its graph (the paper); acc: as configured
             keep_last_chunk=acc.acc_keep_last_chunk if acc else True,
             skip_zero_grad_chunks=acc.skip_zero_grad_chunks if acc else False,
+            skip_zero_grad_rows=acc.skip_zero_grad_rows if acc else False,
             exchange=exchange,
         )
 
