@@ -205,7 +205,7 @@ def test_recipe_presets_compose_without_data_and_hold_the_official_values(backbo
         expected = {**OFFICIAL_COMMON, **OFFICIAL_PROTOCOL[cohort], "aggregator.name": aggregator}
         assert {k: _value(cfg, k) for k in expected} == pytest.approx(expected)
         if backbone == "transmil":
-            assert cfg.aggregator.input_dropout == 0.25 and cfg.aggregator.heads == 8  # v1 patch_to_emb dropout, --n_heads
+            assert cfg.aggregator.input_dropout == 0.25 and cfg.aggregator.heads == 8 and cfg.aggregator.xavier_init  # v1
     assert stage_one.method.name == "abmil" and stage_two.method.name == "mhim"
     expected = {**OFFICIAL_MHIM, **OFFICIAL_RECIPES[(backbone, cohort)]}
     assert {k: stage_two.method[k] for k in expected} == pytest.approx(expected)
@@ -326,3 +326,17 @@ def test_kept_row_chunks_refuse_encoders_whose_rows_depend_on_their_chunk():
             accumulate_gradients(encoder.train(), head, bag, 2, skip_zero_grad_rows=True)
     with pytest.raises(ConfigError, match="engine.skip_zero_grad_rows=true .* encoder.norm=group"):
         validate(compose_config(["encoder=resnet_bottleneck", "engine=acc", "engine.skip_zero_grad_rows=true"]))
+
+
+def test_transmil_xavier_init_is_mhims_initialisation():
+    from mil_experiments.models.transmil import TransMIL
+
+    small = {"dim": 16, "heads": 2, "dim_head": 4, "landmarks": 4}
+    torch.manual_seed(0)
+    plain = TransMIL(6, 2, **small)
+    xavier = TransMIL(6, 2, **small, xavier_init=True)
+    linears = [m for m in xavier.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.bias is None or not m.bias.any() for m in linears)  # zero biases
+    assert plain.classifier.bias.any()  # torch's default init is not zero
+    fan_in, fan_out = 16, 2
+    assert float(xavier.classifier.weight.std()) == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.6)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mil_experiments.models.abmil_mhim import xavier_init as initialise_xavier
 from mil_experiments.models.aggregator import Aggregator, AggregatorOutput
 
 
@@ -122,10 +123,11 @@ class TransMIL(Aggregator):
         residual_kernel: int = 33
         attention_dropout: float = 0.1
         input_dropout: float = 0.0  # MHIM applies its own dropout (0.25) before the aggregator
+        xavier_init: bool = False  # MHIM v1 `initialize_weights`: xavier-normal Linear weights, zero biases
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, heads: int = 8, dim_head: int = 64,
                  landmarks: int = 256, pinv_iterations: int = 6, residual_kernel: int = 33,
-                 attention_dropout: float = 0.1, input_dropout: float = 0.0) -> None:
+                 attention_dropout: float = 0.1, input_dropout: float = 0.0, xavier_init: bool = False) -> None:
         super().__init__(in_dim, n_outputs)
         self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(input_dropout))
         self.cls_token = nn.Parameter(torch.randn(1, dim))
@@ -136,6 +138,8 @@ class TransMIL(Aggregator):
         self.norm2, self.attention2 = nn.LayerNorm(dim), NystromAttention(dim, **attention)
         self.norm = nn.LayerNorm(dim)
         self.classifier = nn.Linear(dim, n_outputs)
+        if xavier_init:
+            initialise_xavier(self)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor | None = None, levels=None) -> AggregatorOutput:
         tokens = torch.cat([self.cls_token, self.fc(features)])  # (1 + N, dim)
