@@ -23,9 +23,12 @@ Validation and test evaluate the student (selection on its metrics); the teacher
 logged beside them as `val/teacher_*` and `test/teacher_*`.
 
 Masked instances are not in the student's graph, so their rows of dL/dZ are exactly
-zero (tested). With an encoder in the loop, `engine=acc engine.skip_zero_grad_chunks=true`
-skips re-encoding a chunk only when all of its rows are masked; gathering the kept rows into
-dense chunks is not done yet.
+zero (tested). With an encoder in the loop, `engine=acc engine.skip_zero_grad_rows=true`
+re-encodes only the kept rows, gathered into dense chunks, so a step costs a no-grad forward
+of the bag plus a forward-backward of the kept rows (exact: tested in float64 against the
+full bag; docs/mhim.md has the measured cost); `skip_zero_grad_chunks` skips a chunk only
+when all its rows are masked. Recipes: `experiment=mhim_<abmil|transmil>_<c16|tcga>` and
+`scripts/mhim_two_stage.py`.
 """
 
 from __future__ import annotations
