@@ -120,7 +120,8 @@ class MHIM(MILMethod):
                 if str(getattr(self, key)) not in choices:
                     raise ConfigError(f"method.{key}={getattr(self, key)!r}: choose one of {choices}")
             if self.teacher_init is None and not self.allow_random_teacher:
-                raise ConfigError("method.teacher_init is not set: give the stage-1 run folder (the same command with method=abmil)"
+                raise ConfigError("method.teacher_init is not set: give the stage-1 run folder (the same command with method=abmil,"
+                                  " or experiment=mhim_<recipe>_baseline; scripts/mhim_two_stage.py runs both)"
                                   ", or method.allow_random_teacher=true for a random teacher")
             if self.teacher_init is None and self.init_stu_type != "none":
                 raise ConfigError(f"method.init_stu_type={self.init_stu_type} needs method.teacher_init")
