@@ -86,7 +86,8 @@ def compose(overrides: list[str]) -> PredictConfig:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.to_container(cfg)))
     except (HydraException, OmegaConfBaseException) as error:
         key = getattr(error, "full_key", None) or ""
-        message = str(getattr(error, "msg", error)).strip().splitlines()[0]
+        lines = str(getattr(error, "msg", error)).strip().splitlines()
+        message = f"{lines[0]} (no such key in conf/predict.yaml)" if lines[0].startswith("Could not override") else lines[0]
         raise ConfigError(f"{key}: {message}" if key else message) from None
     config.check()
     return config
@@ -184,8 +185,18 @@ def _summary(config: PredictConfig, model, rows: list[dict], out: Path) -> dict:
         "torch_threads": config.num_threads or torch.get_num_threads(),
         "flops_counted_during_timing": config.flops,
         "out_dir": str(out),
-        "extract_overrides": {k: v for k, v in asdict(config.extract).items() if v not in (None, {})},
+        "extract_overrides": _given(asdict(config.extract)),
     }
+
+
+def _given(values: dict) -> dict:
+    """The settings that were set (not null), nested."""
+    out = {}
+    for key, value in values.items():
+        value = _given(value) if isinstance(value, dict) else value
+        if value not in (None, {}):
+            out[key] = value
+    return out
 
 
 def main(argv: list[str]) -> int:

@@ -24,6 +24,7 @@ from mil_experiments.data.wsi.readers import WholeSlide
 from mil_experiments.data.wsi.synthetic import CohortConfig, SyntheticSlideConfig, make_cohort
 from mil_experiments.models.zoommil import ZoomMIL
 from mil_experiments.predict import main
+from mil_experiments.prediction.settings import ExtractOverrides
 from mil_experiments.prediction.slide_inference import predict_slide
 from mil_experiments.prediction.trained_model import build_for_slides, load_trained_model
 from tests.conftest import REPO
@@ -154,6 +155,10 @@ def test_other_aggregators_encode_every_tile_and_match_the_feature_path(cohort, 
     torch.testing.assert_close(result.output.logits, expected.logits, rtol=1e-5, atol=1e-6)
     n = features.features[20.0].shape[0]
     assert result.tiles_read == result.tiles_encoded == result.tissue_tiles == {20.0: n}
+    # `extract.*` replaces a stored setting: another encoder seed is another encoder, so other logits
+    reseeded = load_trained_model(model.run_dir / "checkpoints" / "selected.ckpt", extract=ExtractOverrides(encoder={"seed": 1}))
+    assert "lenet[random,seed=1]" in reseeded.encode.name and "seed=0" in model.encode.name
+    assert not torch.allclose(predict_slide(reseeded, cohort / "slides" / "slide_001.tiff").output.logits, expected.logits)
 
 
 def test_flops_of_a_tiny_end_to_end_model_equal_a_hand_count(cohort, tmp_path):

@@ -212,10 +212,10 @@ def _extraction_settings(folder: Path, overrides: ExtractOverrides) -> tuple[Til
         if summary.is_file():
             stored["base_magnification"] = json.loads(summary.read_text()).get("config", {}).get("base_magnification")
     where = str(files[0]) if files else f"{folder} (no feature files there)"
-    given = {k: v for k, v in asdict(overrides).items() if v not in (None, {})}
-    encoder = {**stored.get("encoder", {}), **given.get("encoder", {})}
-    tissue = {**stored.get("tissue", {}), **given.get("tissue", {})}
-    settings = {**stored, **{k: v for k, v in given.items() if k not in ("encoder", "tissue")}}
+    given = {k: v for k, v in asdict(overrides).items() if v is not None and k not in ("encoder", "tissue")}
+    encoder = {**stored.get("encoder", {}), **{k: v for k, v in overrides.encoder.items() if v is not None}}
+    tissue = {**stored.get("tissue", {}), **{k: v for k, v in overrides.tissue.items() if v is not None}}
+    settings = {**stored, **given}
     lacking = [k for k, have in (("encoder.name", encoder.get("name")), ("tile_size", settings.get("tile_size")), ("magnifications", settings.get("magnifications"))) if not have]
     if lacking:
         raise ConfigError(
