@@ -117,8 +117,8 @@ def run_predictions(config: PredictConfig) -> dict:
 
     if config.labels_csv and not Path(config.labels_csv).is_file():
         raise DataError(f"labels_csv={config.labels_csv}: file not found")
-    labels = read_labels(config.labels_csv, config.label_column)[0] if config.labels_csv else None
     model = load_trained_model(config.checkpoint, config.device, config.batch_size, config.features_dir, config.extract)
+    labels = read_labels(config.labels_csv, config.label_column, model.declared_classes)[0] if config.labels_csv else None
     out = Path(config.out_dir) if config.out_dir else Path("outputs/predict") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{model.run_dir.name}"
     if (out / "predictions.csv").exists() and not config.overwrite:
         raise ConfigError(f"out_dir={out}: already holds predictions.csv; choose another out_dir or pass overwrite=true")

@@ -155,6 +155,15 @@ def test_other_aggregators_encode_every_tile_and_match_the_feature_path(cohort, 
     torch.testing.assert_close(result.output.logits, expected.logits, rtol=1e-5, atol=1e-6)
     n = features.features[20.0].shape[0]
     assert result.tiles_read == result.tiles_encoded == result.tissue_tiles == {20.0: n}
+    # a multi-magnification model that does not zoom (MSMIL) reads every tissue tile of every magnification
+    msmil = load_trained_model(feature_run(cohort, tmp_path / "msmil", ["aggregator=msmil", "aggregator.hidden_dim=16", "aggregator.attention_dim=8"]))
+    assert not msmil.zooms and msmil.bag_magnifications == MAGS
+    all_levels = read_feature_file(cohort / "features" / "slide_001.h5")
+    with torch.no_grad():
+        expected_msmil = msmil.method.predict(slide_to_bag("slide_001", 0, all_levels, 0.5))
+    result = predict_slide(msmil, cohort / "slides" / "slide_001.tiff")
+    torch.testing.assert_close(result.output.logits, expected_msmil.logits, rtol=1e-5, atol=1e-6)
+    assert result.tiles_read == result.tiles_encoded == result.tissue_tiles == {m: all_levels.features[m].shape[0] for m in MAGS}
     # `extract.*` replaces a stored setting: another encoder seed is another encoder, so other logits
     reseeded = load_trained_model(model.run_dir / "checkpoints" / "selected.ckpt", extract=ExtractOverrides(encoder={"seed": 1}))
     assert "lenet[random,seed=1]" in reseeded.encode.name and "seed=0" in model.encode.name

@@ -5,7 +5,7 @@ The run folder is `<run>/checkpoints/<name>.ckpt` + `<run>/config.yaml` (what
 its data splits) and the checkpoint's weights are loaded strictly. What turns tiles into the
 aggregator's inputs depends on how the run was trained:
 
-- on feature bags (`dataset=feature_bags`, `encoder=identity`): the tile encoder that wrote
+- on feature bags (`dataset=feature_bags` or a dataset built on it, such as the cohorts; `encoder=identity`): the tile encoder that wrote
   the features, rebuilt from the extraction settings stored in the feature files' attributes
   (`encoder`, `tile_size`, `magnifications`, `tissue`, `reader`, `input_size`; the
   `base_magnification` override from `extraction.json` when there is one), each of which
@@ -31,6 +31,8 @@ from omegaconf.errors import OmegaConfBaseException
 from mil_experiments.bag import LevelLayout
 from mil_experiments.config import validate
 from mil_experiments.data.description import DataDescription
+from mil_experiments.data.feature_bags import FeatureBagsDataModule
+from mil_experiments.data.synthetic_wsi import SyntheticWSIDataModule, normalised, resized_tiles
 from mil_experiments.data.wsi.extraction import (
     ExtractionEncoderConfig,
     TileEncoder,
@@ -43,8 +45,6 @@ from mil_experiments.methods.base import MILMethod
 from mil_experiments.models.encoders import IdentityConfig, build_encoder
 from mil_experiments.models.zoommil import ZoomMIL
 from mil_experiments.prediction.settings import ExtractOverrides
-
-SLIDE_DATASETS = ("feature_bags", "synthetic_wsi")
 
 
 @dataclass
@@ -83,6 +83,7 @@ class TrainedModel:
         bag_magnifications: the levels of the training bags, lowest first.
         num_classes, class_names: the task.
         source: where the tile encoder came from (for the summary).
+        declared_classes: the run's `dataset.classes` (text labels), if it declared them.
     """
 
     run_dir: Path
@@ -93,6 +94,7 @@ class TrainedModel:
     num_classes: int
     class_names: list[str]
     source: str
+    declared_classes: list[str] | None = None
 
     @property
     def zooms(self) -> bool:
@@ -140,12 +142,12 @@ def build_for_slides(cfg: DictConfig, run_dir: Path, device: str = "cpu", batch_
     if "teacher_init" in cfg.method:
         cfg.method.teacher_init, cfg.method.allow_random_teacher, cfg.method.init_stu_type = None, True, "none"
     checked = validate(cfg)
-    dataset_name = checked.dataset.name
-    if dataset_name not in SLIDE_DATASETS:
-        raise ConfigError(f"{run_dir}: the run was trained on dataset={dataset_name}, not on slides ({' or '.join(SLIDE_DATASETS)})")
+    on_features = issubclass(checked.dataset_class, FeatureBagsDataModule)  # feature_bags and the cohorts built on it
+    if not on_features and not issubclass(checked.dataset_class, SyntheticWSIDataModule):
+        raise ConfigError(f"{run_dir}: the run was trained on dataset={checked.dataset.name}, not on slides (feature bags or synthetic_wsi tiles)")
     datamodule = checked.dataset_class(config=checked.dataset, seed=checked.seed)  # labels and classes only: no splits are built
     torch_device = torch.device(device)
-    if dataset_name == "feature_bags":
+    if on_features:
         folder = Path(features_dir or checked.dataset.features_dir or checked.dataset.root)
         tiling, encoder_config = _extraction_settings(folder, extract or ExtractOverrides())
         tile_encoder = build_extraction_encoder(encoder_config, tiling.tile_size)
@@ -174,18 +176,18 @@ def build_for_slides(cfg: DictConfig, run_dir: Path, device: str = "cpu", batch_
         aggregator.bind_levels(LevelLayout(tuple(bag_mags), tuple(4 ** i for i in range(len(bag_mags)))))
     method = checked.method_class(checked.method, encoder=encoder, aggregator=aggregator, engine=checked.engine, data=data, sampling=checked.sampling)
     method.to(torch_device).eval()
-    if dataset_name == "feature_bags":
+    if on_features:
         extraction = TileEncoder(tile_encoder, encoder_config.input_size, torch_device)
         encode = TileEncoding(lambda tiles: torch.from_numpy(extraction(tiles)).to(torch_device), batch_size, source)
     else:
         encode = TileEncoding(_end_to_end_encoder(method, checked.dataset, torch_device), batch_size, source)
-    return TrainedModel(Path(run_dir), method, tiling, encode, bag_mags, data.num_classes, list(data.class_names), source)
+    declared = getattr(checked.dataset, "classes", None)
+    return TrainedModel(Path(run_dir), method, tiling, encode, bag_mags, data.num_classes, list(data.class_names), source,
+                        list(declared) if declared else None)
 
 
 def _end_to_end_encoder(method: MILMethod, dataset, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
     """Tiles -> the trained encoder's features, preprocessed as `dataset=synthetic_wsi` serves them."""
-    from mil_experiments.data.synthetic_wsi import normalised, resized_tiles
-
     mean = torch.tensor(dataset.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(dataset.std, device=device).view(1, 3, 1, 1)
 
