@@ -296,7 +296,7 @@ class ZoomMIL(Aggregator):
         """Begin an incremental evaluation forward of a bag laid out as `levels` (its features not yet known).
 
         `levels` is the layout the whole bag would have (every tile of every magnification);
-        `zoom_state.magnification` / `zoom_state.rows` say what to read first: every row of
+        `state.magnification` / `state.rows` say what to read first: every row of
         the lowest used level. Feed their features to `zoom_step`, which returns the rows of
         the next used level to read (the children of the chosen tiles), until it returns None;
         `zoom_output` then equals `forward` on the whole bag's features (evaluation, hard
