@@ -8,7 +8,8 @@ tile encoder, aggregator; see `mil_experiments.prediction.slide_inference`) and 
   `prob_<class>`, `seconds`, `seconds_tissue`, `flops`, `flops_encoder`, `flops_aggregator`,
   and per magnification `tissue_tiles_<m>x`, `tiles_read_<m>x`, `tiles_encoded_<m>x`;
 - `heatmaps/<slide_id>.png`: the attention over the thumbnail;
-- `summary.json`: the model, the means per slide (seconds, TFLOPs, tiles) and the accuracy;
+- `summary.json`: the model, the means per slide (seconds, TFLOPs, tiles), the accuracy and
+  the slides skipped with `skip_failed=true` (each with its one-line reason);
 - `config.yaml`: the settings used.
 
 Settings: `conf/predict.yaml` (Hydra override syntax). Bad input is one line naming the key or
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +33,7 @@ from mil_experiments.errors import ConfigError, DataError
 from mil_experiments.prediction.settings import ExtractOverrides
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class PredictConfig:
     label_column: str = "label"
     slide_extensions: list[str] = field(default_factory=lambda: list(SLIDE_EXTENSIONS))
     limit: int | None = None
+    skip_failed: bool = False
     features_dir: str | None = None
     extract: ExtractOverrides = field(default_factory=ExtractOverrides)
     device: str = "cpu"
@@ -128,10 +132,17 @@ def run_predictions(config: PredictConfig) -> dict:
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     names = model.class_names or [str(c) for c in range(model.num_classes)]
-    rows = []
+    rows, failed = [], []
     try:
         for path in slides:
-            result = predict_slide(model, path, count_flops=config.flops)
+            try:
+                result = predict_slide(model, path, count_flops=config.flops)
+            except DataError as error:
+                if not config.skip_failed:
+                    raise
+                log.warning("skipped %s: %s", path.name, error)
+                failed.append({"slide": path.name, "reason": str(error)})
+                continue
             row = {"slide_id": result.slide_id}
             if labels is not None:
                 row["label"] = labels.get(result.slide_id, "")
@@ -151,11 +162,13 @@ def run_predictions(config: PredictConfig) -> dict:
                 draw_heatmap(path, model.tiling.reader, result.levels, title, out / "heatmaps" / f"{result.slide_id}.png", config.thumbnail_size)
     finally:
         torch.set_num_threads(threads)  # process-wide; give it back
+    if not rows:
+        raise DataError(f"slides={config.slides}: no slide could be predicted (first failure: {failed[0]['slide']}: {failed[0]['reason']})")
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = _summary(config, model, rows, out)
+    summary = {**_summary(config, model, rows, out), "failed": failed}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

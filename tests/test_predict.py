@@ -211,6 +211,17 @@ def test_predict_command_writes_predictions_csv_and_heatmaps(cohort, tmp_path, c
     assert summary["slides"] == 3 and summary["zooms"] and summary["tiles_per_slide"]["tiles_read_20x"] == 8
     assert main([f"checkpoint={checkpoint}", f"slides={cohort / 'slides'}", f"out_dir={out}"]) == 2
     assert "already holds predictions.csv" in capsys.readouterr().err
+    # a file that is no slide stops the command with one line naming it, or is skipped and listed
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "slide_000.tiff").write_bytes((cohort / "slides" / "slide_000.tiff").read_bytes())
+    (slides / "broken.tiff").write_text("not a slide")
+    assert main([f"checkpoint={checkpoint}", f"slides={slides}", f"out_dir={tmp_path / 'p1'}", "heatmaps=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.tiff" in err[0]
+    assert main([f"checkpoint={checkpoint}", f"slides={slides}", f"out_dir={tmp_path / 'p2'}", "heatmaps=false", "skip_failed=true"]) == 0
+    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    assert summary["slides"] == 1 and [f["slide"] for f in summary["failed"]] == ["broken.tiff"]
 
 
 def test_bad_checkpoint_or_slides_folder_is_one_line_naming_it(cohort, tmp_path, capsys):
