@@ -18,9 +18,12 @@ from dataclasses import dataclass, replace
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)
 class LevelLayout:
-    """Where each level's rows are in a multi-level bag.
+    """Where each level's rows are in a multi-level bag (treat as immutable).
+
+    Not a frozen dataclass: Lightning moves a batch to its device by copying every
+    dataclass field by field, which a frozen one refuses.
 
     Attributes:
         magnifications: per level, lowest first (None where a file does not say).

@@ -54,3 +54,13 @@ def test_single_level_subset_and_encoded_copy():
     assert encoded.instances.shape == (6, 3) and encoded.bag_id == "b"
     with pytest.raises(ValueError, match="2 rows given for 6 instances"):
         bag.with_instances(torch.zeros(2, 3))
+
+
+def test_a_multi_level_bag_moves_to_a_device_as_lightning_moves_batches():
+    """Lightning copies a batch's dataclasses field by field (a frozen LevelLayout made ZoomMIL runs fail)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    layout = LevelLayout((5.0, 10.0), (2, 8))
+    bag = Bag(instances=torch.randn(10, 3), label=torch.tensor(1), bag_id="b", levels=layout)
+    moved = move_data_to_device(bag, torch.device("cpu"))
+    assert moved.levels == layout and torch.equal(moved.instances, bag.instances)

@@ -49,6 +49,20 @@ class SlideTiles:
     instance_labels: np.ndarray
 
 
+def resized_tiles(tiles: np.ndarray, image_size: int | None) -> torch.Tensor:
+    """(N, T, T, 3) uint8 tiles -> (N, 3, S, S) uint8, resized (bilinear, antialiased, rounded) when S != T."""
+    out = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()  # (N, 3, T, T) uint8
+    if image_size is not None and image_size != out.shape[-1]:
+        out = F.interpolate(out.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        out = out.round().clamp(0, 255).to(torch.uint8)  # (N, 3, S, S)
+    return out
+
+
+def normalised(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) uint8 -> float, scaled to [0, 1] then standardised with (1, 3, 1, 1) mean and std."""
+    return (images.float() / 255.0 - mean) / std  # (N, 3, S, S)
+
+
 class SlideTileDataset(Dataset):
     """Tile bags read from slides (decoded tiles optionally kept in memory)."""
 
@@ -75,17 +89,14 @@ class SlideTileDataset(Dataset):
         entry = self.slides[index]
         with open_slide(entry.path, self.reader) as slide:
             blocks = [read_tile_block(slide, entry.tiling, i, self.magnification) for i in range(entry.tiling.num_low_tiles)]
-        tiles = torch.from_numpy(np.concatenate(blocks)).permute(0, 3, 1, 2).contiguous()  # (N, 3, T, T) uint8
-        if self.image_size is not None and self.image_size != tiles.shape[-1]:
-            tiles = F.interpolate(tiles.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
-            tiles = tiles.round().clamp(0, 255).to(torch.uint8)  # (N, 3, S, S)
+        tiles = resized_tiles(np.concatenate(blocks), self.image_size)  # (N, 3, S, S) uint8
         if self.cache is not None:
             self.cache[index] = tiles
         return tiles
 
     def __getitem__(self, index: int) -> Bag:
         entry = self.slides[index]
-        images = (self._tiles(index).float() / 255.0 - self.mean) / self.std  # (N, 3, S, S)
+        images = normalised(self._tiles(index), self.mean, self.std)  # (N, 3, S, S)
         coords = entry.tiling.coords[self.magnification]  # (N, 2)
         return Bag(
             instances=images,

@@ -24,12 +24,19 @@ training), `selection=random_low` (random K tiles at the lowest magnification),
 `dual_attention=false` (the pooling attention also selects), `highest_only=true` (only the
 highest magnification, all its tiles, one gated-attention pooling), `fusion=concat`.
 A single-level bag (levels=None) is treated as one magnification (the highest-only model).
+
+Incremental forward (raw-slide inference, evaluation only): `zoom_start(levels)`, then
+`zoom_step(state, features)` once per used level, each returning the rows of the next level
+to read (the children of the chosen tiles), then `zoom_output(state)`. It runs the same
+per-level code as `forward` (`_pool_level`, `_choose`, `_draw_next`, `_output`), so its
+output equals `forward` on the whole bag's features while only the chosen tiles' children
+are ever encoded.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -218,42 +225,31 @@ class ZoomMIL(Aggregator):
                 current = nn.functional.one_hot(origin[higher] - slices[higher].start, n_rows).to(parts[higher].dtype)  # (n, N_l)
             origin_maps[higher] = self.zoom(indicators.detach(), rows, current, ratio)  # (k * ratio, N_l)
 
-    def forward(self, features: torch.Tensor, target: torch.Tensor | None = None, levels: LevelLayout | None = None) -> AggregatorOutput:
-        """Logits of one multi-level bag of (N_total, D) features; see the module docstring."""
-        n_total = features.shape[0]
-        if levels is None:
-            used, ratios, slices = [0], [], [slice(0, n_total)]
-        else:
-            used = self.used_levels(levels)
-            ratios = self.check_layout(levels, "zoommil")
-            slices = [levels.slices[i] for i in used]
-        parts = [features[s] for s in slices]  # per level (N_l, D)
-        # Row bookkeeping: per level, the bag rows its candidate rows came from (a one-hot map P_l ⊗ ...).
-        origin = [torch.arange(s.start, s.stop, device=features.device) for s in slices]  # per level (N_l,)
-        origin_maps: list[torch.Tensor | None] = [None for _ in slices]  # soft (n_l, N_l) maps in training
-        pooled, attentions = [], []
-        for level in range(len(parts)):
-            if self.selection == "random_next" and level == 1:
-                k = min(parts[1].shape[0], self.k * ratios[0])
-                indicators, rows = self.select(parts[1][:, 0], k, random=True)
-                self._zoom_levels(indicators, rows, 1, 1, parts, origin, origin_maps, ratios, slices)
-            hidden = self.fc[level](parts[level])  # (n_l, H)
-            attention = self.attention[level](hidden)  # (n_l,)
-            pooled.append(attention @ hidden)  # (H,)
-            attentions.append(attention)
-            if level == len(parts) - 1:
-                break
-            if self.selection == "random_next" and level == 0:
-                continue  # no lowest selection: every tile goes on; the next level draws r·K of its tiles at random
-            k = min(hidden.shape[0], self.k)
-            scores = self.selector[level](hidden) if self.dual_attention else attention  # (n,)
-            indicators, rows = self.select(scores, k, random=self.selection == "random_low" and level == 0)
-            self._zoom_levels(indicators, rows, level, level + 1, parts, origin, origin_maps, ratios, slices)
+    # --- one level: shared by `forward` and the incremental `zoom_step` ----------------------
+    def _pool_level(self, level: int, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n_l, D) candidates of `level` -> hidden (n_l, H), attention (n_l,), pooled vector (H,)."""
+        hidden = self.fc[level](candidates)  # (n_l, H)
+        attention = self.attention[level](hidden)  # (n_l,)
+        return hidden, attention, attention @ hidden  # (n_l, H), (n_l,), (H,)
+
+    def _choose(self, level: int, hidden: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The selection at `level`: K = min(n_l, k) tiles by the auxiliary (or pooling) attention."""
+        k = min(hidden.shape[0], self.k)
+        scores = self.selector[level](hidden) if self.dual_attention else attention  # (n,)
+        return self.select(scores, k, random=self.selection == "random_low" and level == 0)
+
+    def _draw_next(self, n_candidates: int, ratio: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`selection=random_next`: r·K of the next level's n candidates at random (the features are not looked at)."""
+        k = min(n_candidates, self.k * ratio)
+        return self.select(like.new_zeros(n_candidates), k, random=True)  # (k, n), (k,)
+
+    def _output(self, pooled, attentions, origin, origin_maps, slices, levels, used, n_total, like) -> AggregatorOutput:
+        """Logits of the pooled vectors; each level's attention mapped back onto the bag's rows through the selection."""
         embedding = torch.cat(pooled) if self.fusion == "concat" else torch.stack(pooled).sum(dim=0)  # (H * L,) or (H,)
-        scores = features.new_zeros(n_total)  # (N_total,)
+        scores = like.new_zeros(n_total)  # (N_total,)
         level_scores = {}
         for level, (attention, s) in enumerate(zip(attentions, slices, strict=True)):
-            on_rows = features.new_zeros(s.stop - s.start)  # (N_l,)
+            on_rows = like.new_zeros(s.stop - s.start)  # (N_l,)
             if origin_maps[level] is not None:
                 on_rows = attention.detach() @ origin_maps[level]  # (N_l,)
             else:
@@ -261,5 +257,121 @@ class ZoomMIL(Aggregator):
             key = levels.magnifications[used[level]] if levels is not None else None
             level_scores[key] = on_rows
             if level == 0:
-                scores = scores.index_put((torch.arange(s.start, s.stop, device=features.device),), attention)
+                scores = scores.index_put((torch.arange(s.start, s.stop, device=like.device),), attention)
         return AggregatorOutput(logits=self.classifier(embedding), instance_scores=scores, embedding=embedding, level_scores=level_scores)
+
+    def _layout(self, levels: LevelLayout | None, n_total: int) -> tuple[list[int], list[int], list[slice]]:
+        """Used levels, children-per-tile ratios between them and their rows of the bag."""
+        if levels is None:
+            return [0], [], [slice(0, n_total)]
+        used = self.used_levels(levels)
+        return used, self.check_layout(levels, "zoommil"), [levels.slices[i] for i in used]
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor | None = None, levels: LevelLayout | None = None) -> AggregatorOutput:
+        """Logits of one multi-level bag of (N_total, D) features; see the module docstring."""
+        n_total = features.shape[0]
+        used, ratios, slices = self._layout(levels, n_total)
+        parts = [features[s] for s in slices]  # per level (N_l, D)
+        # Row bookkeeping: per level, the bag rows its candidate rows came from (a one-hot map P_l ⊗ ...).
+        origin = [torch.arange(s.start, s.stop, device=features.device) for s in slices]  # per level (N_l,)
+        origin_maps: list[torch.Tensor | None] = [None for _ in slices]  # soft (n_l, N_l) maps in training
+        pooled, attentions = [], []
+        for level in range(len(parts)):
+            if self.selection == "random_next" and level == 1:
+                indicators, rows = self._draw_next(parts[1].shape[0], ratios[0], parts[1])
+                self._zoom_levels(indicators, rows, 1, 1, parts, origin, origin_maps, ratios, slices)
+            hidden, attention, level_pooled = self._pool_level(level, parts[level])
+            pooled.append(level_pooled)
+            attentions.append(attention)
+            if level == len(parts) - 1:
+                break
+            if self.selection == "random_next" and level == 0:
+                continue  # no lowest selection: every tile goes on; the next level draws r·K of its tiles at random
+            indicators, rows = self._choose(level, hidden, attention)
+            self._zoom_levels(indicators, rows, level, level + 1, parts, origin, origin_maps, ratios, slices)
+        return self._output(pooled, attentions, origin, origin_maps, slices, levels, used, n_total, features)
+
+    # --- incremental forward: one level at a time (raw-slide inference) -----------------------
+    def zoom_start(self, levels: LevelLayout | None, n_total: int | None = None) -> ZoomState:
+        """Begin an incremental evaluation forward of a bag laid out as `levels` (its features not yet known).
+
+        `levels` is the layout the whole bag would have (every tile of every magnification);
+        `state.magnification` / `state.rows` say what to read first: every row of
+        the lowest used level. Feed their features to `zoom_step`, which returns the rows of
+        the next used level to read (the children of the chosen tiles), until it returns None;
+        `zoom_output` then equals `forward` on the whole bag's features (evaluation, hard
+        selection): the same logits, attention and selection, with only the rows read.
+        """
+        if self.training:
+            raise RuntimeError("zoommil: the incremental forward is for evaluation (call .eval(): hard top-K, no dropout)")
+        if levels is None and n_total is None:
+            raise ValueError("zoom_start: give the bag's level layout, or n_total for a single-level bag")
+        n_total = levels.total if levels is not None else n_total
+        used, ratios, slices = self._layout(levels, n_total)
+        first = torch.arange(slices[0].stop - slices[0].start, device=self.classifier.weight.device)  # (N_0,)
+        return ZoomState(levels, used, ratios, slices, n_total, rows=first)
+
+    def zoom_step(self, state: ZoomState, candidates: torch.Tensor) -> torch.Tensor | None:
+        """Consume the (n_l, D) features of `state.rows` of the current level; the next level's rows to read, or None.
+
+        The returned rows index the next used level's tiles (all of them, depth first); for a
+        hard selection they are the ratio children of each chosen tile, chosen tiles in
+        position order: exactly the rows `forward` gathers for that level.
+        """
+        level = state.level
+        if candidates.shape[0] != state.rows.shape[0]:
+            raise ValueError(f"zoom_step: {candidates.shape[0]} feature rows for {state.rows.shape[0]} requested at level {level}")
+        state.origin.append(state.slices[level].start + state.rows)  # (n_l,) bag rows of the candidates
+        hidden, attention, level_pooled = self._pool_level(level, candidates)
+        state.pooled.append(level_pooled)
+        state.attentions.append(attention)
+        state.level += 1
+        if state.level == len(state.slices):
+            state.rows = None
+            return None
+        ratio = state.ratios[level]
+        offsets = torch.arange(ratio, device=candidates.device)  # (r,)
+        if self.selection == "random_next" and level == 0:
+            _, drawn = self._draw_next(candidates.shape[0] * ratio, ratio, candidates)  # (k,) rows of the children list
+            state.rows = state.rows[drawn // ratio] * ratio + drawn % ratio  # (k,)
+        else:
+            _, chosen = self._choose(level, hidden, attention)  # (k,) candidates, by position
+            state.rows = (state.rows[chosen][:, None] * ratio + offsets[None, :]).reshape(-1)  # (k * r,)
+        return state.rows
+
+    def zoom_output(self, state: ZoomState) -> AggregatorOutput:
+        """The output of a finished incremental forward (as `forward` on the whole bag)."""
+        if state.rows is not None:
+            raise ValueError(f"zoom_output: level {state.level} of {len(state.slices)} has not been fed yet")
+        like = state.pooled[0]
+        return self._output(state.pooled, state.attentions, state.origin, [None] * len(state.slices), state.slices,
+                            state.levels, state.used, state.n_total, like)
+
+
+@dataclass
+class ZoomState:
+    """An incremental ZoomMIL forward in progress (`ZoomMIL.zoom_start`).
+
+    Attributes:
+        levels, used, ratios, slices, n_total: the bag's layout as `forward` sees it.
+        rows: the rows of the current used level to feed next (indices into all that
+            level's tiles, depth first), None when every level has been fed.
+        level: index (among the used levels) of the level fed next.
+        origin: per level fed, the bag rows of its candidates.
+    """
+
+    levels: LevelLayout | None
+    used: list[int]
+    ratios: list[int]
+    slices: list[slice]
+    n_total: int
+    rows: torch.Tensor | None
+    level: int = 0
+    origin: list[torch.Tensor] = field(default_factory=list)
+    pooled: list[torch.Tensor] = field(default_factory=list)
+    attentions: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def magnification(self) -> float | None:
+        """The magnification of the level fed next."""
+        return None if self.levels is None else self.levels.magnifications[self.used[self.level]]

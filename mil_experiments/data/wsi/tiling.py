@@ -214,12 +214,33 @@ def read_tile_block(slide: WholeSlide, tiling: MultiMagnificationTiling, low_ind
     """
     if magnification not in tiling.coords:
         raise ValueError(f"magnification {magnification} is not one of {list(tiling.magnifications)}")
-    depth = tiling.depth(magnification)
+    rows = tiling.descendants(low_index, magnification)
+    return read_tile_rows(slide, tiling, magnification, rows.start, rows.stop - rows.start)
+
+
+def read_tile_rows(slide: WholeSlide, tiling: MultiMagnificationTiling, magnification: float, start: int, count: int) -> np.ndarray:
+    """Read rows [start, start + count) of `magnification`: the 4^j descendants of one coarser tile.
+
+    `count` must be 4^j and `start` a multiple of it, so the rows are the depth-first
+    descendants of one tile j doublings coarser (which need not be a tiling magnification);
+    that tile's area is read once at `magnification` and cut up (`read_tile_block` is the
+    case of a lowest-magnification tile). ZoomMIL's raw-slide inference reads the children
+    of its chosen tiles this way.
+
+    Returns:
+        (count, tile_size, tile_size, 3) uint8 array, in the order of
+        `tiling.coords[magnification][start:start + count]`.
+    """
+    if magnification not in tiling.coords:
+        raise ValueError(f"magnification {magnification} is not one of {list(tiling.magnifications)}")
+    depth = round(math.log(count, 4)) if count >= 1 else -1
+    if count < 1 or 4**depth != count or start % count or start + count > len(tiling.coords[magnification]):
+        raise ValueError(f"rows [{start}, {start + count}) at {magnification}x are not the 4^j descendants of one tile")
     t = tiling.tile_size
-    low_size = tiling.tile_size_level0[tiling.magnifications[0]]
-    origin = tiling.low_grid[low_index].astype(np.float64) * low_size  # (2,)
-    block = slide.read_scaled((origin[0], origin[1]), low_size, t * 2**depth)  # (t 2^d, t 2^d, 3)
-    offsets = dfs_offsets(depth)  # (4^d, 2)
+    size = tiling.tile_size_level0[magnification] * 2**depth  # level-0 side of the coarser tile
+    origin = tiling.coords[magnification][start].astype(np.float64)  # (2,) its first descendant shares its corner
+    block = slide.read_scaled((origin[0], origin[1]), size, t * 2**depth)  # (t 2^j, t 2^j, 3)
+    offsets = dfs_offsets(depth)  # (4^j, 2)
     tiles = np.empty((len(offsets), t, t, 3), dtype=np.uint8)
     for i, (dx, dy) in enumerate(offsets):
         tiles[i] = block[dy * t : (dy + 1) * t, dx * t : (dx + 1) * t]

@@ -1,0 +1,67 @@
+"""The attention heatmap of one slide's prediction: thumbnail | attention over the thumbnail.
+
+The tiles of the lowest magnification read are painted with their attention as a percentile
+within the slide (as CLAM's heatmaps); for ZoomMIL the tiles it zoomed into at each
+magnification are outlined, one colour per magnification (the paper's Figure 4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+from mil_experiments.data.wsi.readers import open_slide  # noqa: E402
+from mil_experiments.prediction.slide_inference import LevelView  # noqa: E402
+
+OUTLINE_COLOURS = ("#00e5ff", "#76ff03", "#ffea00", "#ff4081")
+
+
+def percentiles(values: np.ndarray) -> np.ndarray:
+    """Each value's rank in [0, 1] (0 = lowest)."""
+    return np.argsort(np.argsort(values)) / max(len(values) - 1, 1)
+
+
+def draw_heatmap(slide_path: Path, reader: str, levels: list[LevelView], title: str, out: Path, thumbnail_size: int = 512) -> Path:
+    """Write the PNG at `out`; the thumbnail's longest side is about `thumbnail_size` pixels."""
+    with open_slide(slide_path, reader) as slide:
+        downsample = max(1.0, max(slide.dimensions) / thumbnail_size)
+        thumb = slide.thumbnail(downsample)  # (h, w, 3)
+    heat = np.full(thumb.shape[:2], np.nan, dtype=np.float32)  # (h, w)
+    base = levels[0]
+    if base.scores is not None and len(base.scores):
+        for (x, y), value in zip(base.coords, percentiles(base.scores), strict=True):
+            x0, y0 = int(x / downsample), int(y / downsample)
+            x1, y1 = int(np.ceil((x + base.size_level0) / downsample)), int(np.ceil((y + base.size_level0) / downsample))
+            heat[y0:y1, x0:x1] = value
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.6))
+    axes[0].imshow(thumb)
+    axes[0].set_title("slide")
+    axes[1].imshow(thumb)
+    colours = plt.get_cmap("inferno")(np.nan_to_num(heat))  # (h, w, 4)
+    colours[..., 3] = np.where(np.isnan(heat), 0.0, 0.25 + 0.7 * np.nan_to_num(heat))
+    axes[1].imshow(colours)
+    fig.colorbar(plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, 1)), ax=axes[1], fraction=0.046, pad=0.02)
+    legend = []
+    for i, view in enumerate(v for v in levels if len(v.zoomed)):
+        colour = OUTLINE_COLOURS[i % len(OUTLINE_COLOURS)]
+        side = view.size_level0 / downsample
+        for x, y in view.zoomed:
+            axes[1].add_patch(Rectangle((x / downsample, y / downsample), side, side, fill=False, edgecolor=colour, linewidth=1.2))
+        legend.append(Patch(fill=False, edgecolor=colour, label=f"zoomed in at {view.magnification:g}x ({len(view.zoomed)})"))
+    if legend:
+        axes[1].legend(handles=legend, loc="lower right", fontsize=7, framealpha=0.7)
+    axes[1].set_title(f"attention percentile, {base.magnification:g}x tiles")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
