@@ -60,14 +60,15 @@ def bag_attention(run_dir: Path, slide_id: str | None) -> tuple[str, int, float,
         bag = max(positives, key=lambda b: -1 if b.instance_labels is None else int(b.instance_labels.sum()))
     if bag.coords is None:
         raise DataError(f"bag {bag.bag_id}: its instances have no coordinates to draw")
+    from mil_experiments.evaluation import probabilities
+
     with torch.no_grad():
-        features = method.encoder(bag.instances)  # (N, D)
-        result = method.evaluate_features(features, bag.label)
-    if result["attention"] is None:
-        raise ConfigError(f"method={experiment.checked.method.name} returns no attention")
-    probability = result["probability"]
+        output = method.predict(method.encode_for_evaluation(bag))
+    if output.instance_scores is None:
+        raise ConfigError(f"aggregator={experiment.checked.aggregator_name} returns no instance scores")
+    probability = probabilities(output.logits, method.num_classes)
     probability = float(probability if probability.ndim == 0 else probability[-1])
-    return bag.bag_id, int(bag.label), probability, np.asarray(result["attention"]).reshape(-1), bag.coords.numpy(), bag.magnification
+    return bag.bag_id, int(bag.label), probability, output.instance_scores.numpy().reshape(-1), bag.coords.numpy(), bag.magnification
 
 
 def draw(slide_path: Path, mask_path: Path | None, reader: str, attention: np.ndarray, coords: np.ndarray, magnification: float, downsample: float, title: str, out: Path) -> None:

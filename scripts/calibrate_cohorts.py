@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
+    parser.add_argument("--levels", default="highest,lowest", help="which magnifications of each cohort: highest, lowest or both")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "calibration")
     parser.add_argument("overrides", nargs="*", help="extra CLI overrides for every run")
     args = parser.parse_args()
@@ -75,7 +76,8 @@ def main() -> None:
     for cohort in args.cohorts.split(","):
         preset = OmegaConf.load(REPO / "conf" / "cohort" / f"{cohort}.yaml")
         magnifications = list(preset.extract.magnifications)
-        for magnification in (max(magnifications), min(magnifications)):
+        chosen = {"highest": max(magnifications), "lowest": min(magnifications)}
+        for magnification in [chosen[level] for level in args.levels.split(",")]:
             runs = [run_one(cohort, magnification, seed, args.epochs, args.lr, args.out / cohort / f"{magnification}x" / f"seed{seed}", args.overrides)
                     for seed in seeds]
             for seed, r in zip(seeds, runs, strict=True):

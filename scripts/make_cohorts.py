@@ -135,7 +135,7 @@ def overview(root: Path, summary: dict, out: Path) -> None:
     fig.suptitle(f"{summary['config']['name']} (imitates {summary['config']['imitates']})", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=80)
     plt.close(fig)
 
 
