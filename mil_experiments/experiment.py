@@ -49,6 +49,9 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
             f" {list(data.magnifications)}: choose one (e.g. dataset.magnifications=[{data.magnifications[-1]}])"
         )
     encoder = build_encoder(checked.encoder, data.instance_shape)
+    if getattr(encoder, "standardize", False):  # encoder=identity encoder.standardize=true: the training bags' statistics
+        train = datamodule.train_set
+        encoder.fit_standardization([train[i].instances for i in range(len(train))])
     if getattr(checked.dataset, "bag_size", None) == 1 and any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules()):
         raise ConfigError("dataset.bag_size=1 with batch norm: training needs at least 2 instances per forward; use encoder.norm=group or none")
     n_outputs = checked.method_class.output_count(checked.method, data.num_classes)

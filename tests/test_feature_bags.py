@@ -260,3 +260,25 @@ def test_only_the_requested_magnifications_are_read(tmp_path, monkeypatch):
     assert read and all(name.startswith("/20.0x/") for name in read), read
     with pytest.raises(DataError, match=r"no features at 40.0x \(the file holds \[2.5, 5.0, 20.0\]\)"):
         read_feature_file(tmp_path / "s.h5", [20.0, 40.0])
+
+
+def test_standardized_identity_encoder_uses_the_training_bags_statistics_and_travels_in_checkpoints(bag_folder, tmp_path):
+    from mil_experiments.api import compose_config, compose_experiment
+    from mil_experiments.run import train_and_test
+
+    overrides = ["dataset=feature_bags", f"dataset.root={bag_folder}", "dataset.magnifications=[2.5]", "encoder=identity",
+                 "encoder.standardize=true", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none"]
+    exp = compose_experiment(overrides, tmp_path / "exp")
+    train = exp.datamodule.train_set
+    rows = torch.cat([train[i].instances for i in range(len(train))]).double()  # (N_train, D)
+    encoder = exp.method.encoder
+    torch.testing.assert_close(encoder.mean.double(), rows.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(encoder.std.double(), rows.std(0), atol=1e-6, rtol=0)
+    encoded = encoder(rows.float())  # (N_train, D)
+    assert encoded.mean(0).abs().max() < 1e-5 and (encoded.std(0) - 1).abs().max() < 1e-5
+    # a validation bag is scaled with the training statistics, not its own
+    val = exp.datamodule.val_set[0].instances
+    torch.testing.assert_close(encoder(val), (val - encoder.mean) / encoder.std)
+    train_and_test(compose_config(overrides), tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "selected.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    torch.testing.assert_close(state["encoder.mean"], encoder.mean)

@@ -76,13 +76,33 @@ class BottleneckResNetEncoder(nn.Module):
 
 
 class IdentityEncoder(nn.Module):
-    """For bags of pre-extracted features: the instances already are the features."""
+    """For bags of pre-extracted features: the instances already are the features.
 
-    def __init__(self, feature_dim: int) -> None:
+    With `standardize`, each feature dimension d is z-scored, (x_d - mean_d) / std_d, with
+    the mean and standard deviation over every instance of the training bags
+    (`fit_standardization`); they are buffers, so checkpoints and predictions carry them.
+    """
+
+    def __init__(self, feature_dim: int, standardize: bool = False) -> None:
         super().__init__()
         self.out_dim = feature_dim
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("mean", torch.zeros(feature_dim))  # (D,)
+            self.register_buffer("std", torch.ones(feature_dim))  # (D,)
+
+    def fit_standardization(self, bags_instances: list[torch.Tensor]) -> None:
+        """Mean and standard deviation per dimension over the rows of all `bags_instances` (each (N_i, D))."""
+        count = sum(x.shape[0] for x in bags_instances)
+        total = sum(x.double().sum(0) for x in bags_instances)  # (D,)
+        mean = total / count
+        squares = sum(((x.double() - mean) ** 2).sum(0) for x in bags_instances)  # (D,)
+        self.mean.copy_(mean.float())
+        self.std.copy_((squares / max(count - 1, 1)).sqrt().clamp_min(1e-6).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            return (x - self.mean) / self.std  # (N, D)
         return x  # (N, D)
 
 
@@ -104,9 +124,14 @@ class BottleneckResNetConfig:
 
 @dataclass
 class IdentityConfig:
-    """`encoder=identity`: the feature dimension is read from the data."""
+    """`encoder=identity`: the feature dimension is read from the data.
+
+    Attributes:
+        standardize: z-score each feature dimension with the training bags' statistics.
+    """
 
     name: str = "identity"
+    standardize: bool = False
 
 
 ENCODER_CONFIGS: dict[str, type] = {
@@ -125,7 +150,7 @@ def build_encoder(config: EncoderConfig, instance_shape: tuple[int, ...]) -> nn.
     if isinstance(config, IdentityConfig):
         if len(instance_shape) != 1:
             raise ConfigError(f"encoder=identity needs feature bags; instances have shape {tuple(instance_shape)}")
-        return IdentityEncoder(instance_shape[0])
+        return IdentityEncoder(instance_shape[0], config.standardize)
     if len(instance_shape) != 3:
         raise ConfigError(f"encoder={config.name} needs image bags (C, H, W); instances have shape {tuple(instance_shape)}")
     channels, height, width = instance_shape

@@ -42,7 +42,7 @@ from mil_experiments.data.wsi.extraction import (
 from mil_experiments.data.wsi.tissue import TissueConfig
 from mil_experiments.errors import ConfigError, DataError
 from mil_experiments.methods.base import MILMethod
-from mil_experiments.models.encoders import IdentityConfig, build_encoder
+from mil_experiments.models.encoders import build_encoder
 from mil_experiments.models.zoommil import ZoomMIL
 from mil_experiments.prediction.settings import ExtractOverrides
 
@@ -156,7 +156,7 @@ def build_for_slides(cfg: DictConfig, run_dir: Path, device: str = "cpu", batch_
         missing = [m for m in bag_mags if m not in tiling.magnifications]
         if missing:
             raise ConfigError(f"dataset.magnifications={bag_mags}: the extraction tiled {tiling.magnifications}, not {missing}")
-        encoder = build_encoder(IdentityConfig(), instance_shape)
+        encoder = build_encoder(checked.encoder, instance_shape)  # identity (with its standardization buffers, if any)
         source = f"{extractor_name(encoder_config)} from the extraction settings of {folder}"
     else:
         d = checked.dataset
