@@ -30,5 +30,5 @@ def test_zoommil_presets_follow_the_official_protocol(preset, dataset, magnifica
     # histocartography/zoommil Config + config_bright.json
     assert cfg.method.optimizer.name == "adam" and cfg.method.optimizer.lr == 1e-4 and cfg.method.optimizer.weight_decay == 0.0
     assert (cfg.method.scheduler.name, cfg.method.scheduler.factor, cfg.method.scheduler.patience) == ("plateau", 0.8, 5)
-    assert cfg.dataset.class_weighted_sampler is True and cfg.encoder.name == "identity"
+    assert cfg.dataset.class_weighted_sampler is True and cfg.encoder.name == "identity" and cfg.encoder.standardize is True
     assert (cfg.aggregator.sigma, cfg.aggregator.num_samples, cfg.aggregator.dropout) == (0.002, 100, 0.25)
