@@ -40,19 +40,17 @@ def run_one(cohort: str, magnification: float, seed: int, epochs: int, lr: float
         "logger=none", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false", f"seed={seed}",
         f"method.optimizer.lr={lr}", "evaluation.bootstrap=0", "telemetry.count_saved_tensors=false", *extra,
     ])
+    from accuracy_by_presentation import accuracy_by_presentation  # scripts/, next to this one
+
     results = train_and_test(cfg, out)
-    root = Path(OmegaConf.select(cfg, "dataset.root"))
-    slides = {r["slide_id"]: r for r in csv.DictReader((root.parent.parent / "slides.csv").open())}
-    by_presentation: dict[str, list[bool]] = {}
-    for row in csv.DictReader((out / "test_predictions.csv").open()):
-        key = f"{slides[row['bag_id']]['class']}/{slides[row['bag_id']]['presentation']}"
-        by_presentation.setdefault(key, []).append(int(row["predicted"]) == int(row["label"]))
+    root = Path(OmegaConf.select(cfg, "dataset.root"))  # <cohort>/features/lenet
+    by_presentation = accuracy_by_presentation(out, root.parent.parent / "slides.csv")
     test = results["test"]
     return {
         "accuracy": test["test/accuracy"],
         "accuracy_macro": test.get("test/accuracy_macro"),
         "auc": test["test/auc"],
-        "presentations": {k: float(np.mean(v)) for k, v in sorted(by_presentation.items())},
+        "presentations": {k: share for k, (share, _) in by_presentation.items()},
         "selected_epoch": results["selection"]["selected_epoch"],
     }
 
