@@ -269,6 +269,11 @@ class TileParallelEngine(GradientEngine):
             exchange=exchange,
         )
 
+    def sync_random_state(self, device: torch.device) -> None:
+        """Every rank takes rank 0's random state, so that a method's draws on the bag (a
+        within-bag sample, say) agree; the dedicated layout's head leaves the states apart."""
+        _broadcast_rng_state(dist.get_global_rank(self.group, 0) if self.group else 0, self.group, device)
+
     def synchronize(self, encoder_parameters: Iterable[torch.Tensor], head_parameters: Iterable[torch.Tensor]) -> None:
         """Encoder gradients summed over ranks; the head's made whole on every rank."""
         sum_gradients(encoder_parameters, self.group)
@@ -283,6 +288,7 @@ class DataParallelEngine(GradientEngine):
     """`strategy=ddp`: each rank its own bags; every gradient averaged over ranks before a step."""
 
     name = "ddp"
+    splits_bags = True
 
     def __init__(self, inner: GradientEngine, group=None) -> None:
         super().__init__()
