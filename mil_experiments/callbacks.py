@@ -135,7 +135,7 @@ class EpochMetricsWriter(L.Callback):
         metrics = trainer.callback_metrics
         if trainer.sanity_checking or "val/loss" not in metrics:
             return
-        if not trainer.is_global_zero:  # rank 0 alone writes; every rank counts the epochs
+        if not getattr(trainer, "is_global_zero", True):  # rank 0 alone writes; every rank counts the epochs
             self.rows += 1
             return
         row = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in metrics.items()}}

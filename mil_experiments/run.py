@@ -81,8 +81,9 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
                 raise ConfigError(f"trainer.num_nodes={checked.trainer.num_nodes}: start the ranks of every node with torchrun or SLURM (docs/strategies.md)")
             if not resume:
                 prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))
-            s = checked.strategy
-            return launch.spawn_ranks(cfg, output_dir, checked.world_size, resume, s.start_method, s.master_port)
+            from mil_experiments.strategies import start_method
+
+            return launch.spawn_ranks(cfg, output_dir, checked.world_size, resume, start_method(cfg), checked.strategy.master_port)
     writer = is_rank_zero()  # rank 0 alone writes the run's files
     if not resume and writer and not launch.spawned():
         prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))

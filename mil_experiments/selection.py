@@ -63,7 +63,7 @@ class ModelSelection(L.Callback):
         self.writes = True  # False on ranks other than 0: the same choices, no files
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.writes = trainer.is_global_zero
+        self.writes = getattr(trainer, "is_global_zero", True)
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.config.window
         self.window = min(self.config.window, max_epochs)
 

@@ -34,7 +34,7 @@ from mil_experiments.engine.distributed import LAYOUTS, SHARDS, DataParallelEngi
 from mil_experiments.errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
-START_METHODS = ("spawn", "fork")
+START_METHODS = ("auto", "spawn", "fork")
 
 
 @dataclass
@@ -54,7 +54,7 @@ class DataParallelConfig(StrategyConfig):
 
     name: str = "ddp"
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
-    start_method: str = "spawn"  # how one machine's ranks are started from `python -m mil_experiments`
+    start_method: str = "auto"  # how one machine's ranks are started: auto = fork on CPU, spawn on CUDA
     master_port: int = 0  # 0: a free port (spawned ranks only; torchrun / SLURM set their own)
     timeout_s: int = 1800  # a collective waiting longer than this fails the run
 
@@ -184,3 +184,12 @@ def process_group_backend(cfg) -> str:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return "nccl" if on_cuda else "gloo"
+
+
+def start_method(cfg) -> str:
+    """`strategy.start_method` with auto resolved: fork on CPU (the ranks start in a second; the
+    parent has run no torch code), spawn for CUDA (a forked process cannot use CUDA safely)."""
+    method = str(cfg.strategy.get("start_method", "auto"))
+    if method != "auto":
+        return method
+    return "spawn" if process_group_backend(cfg) == "nccl" else "fork"
