@@ -11,6 +11,7 @@ import torch
 
 from mil_experiments.data.bag_order import NoBag
 from mil_experiments.metrics import log_values
+from mil_experiments.strategies import is_rank_zero
 from mil_experiments.telemetry import SavedTensorMeter, Stopwatch
 
 
@@ -155,7 +156,7 @@ class EpochMetricsWriter(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         """On resume: keep the rows of the epochs the checkpoint holds, drop any written after it."""
         self.columns, self.rows = state["columns"], state["rows"]
-        if self.path.exists() and self.columns is not None:
+        if self.path.exists() and self.columns is not None and is_rank_zero():
             with self.path.open(newline="") as f:
                 lines = list(csv.reader(f))
             with self.path.open("w", newline="") as f:

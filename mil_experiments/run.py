@@ -235,7 +235,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(SIGTERM_EXIT)
     except Exception as error:
         if multirun:
-            reason = _record_failure(output_dir, error)
+            reason = _record_failure(output_dir, error) if is_rank_zero() else str(error)
             SWEEP.failed.append(f"{output_dir.name}: {reason}")
             print(f"error: job {output_dir.name} failed: {reason}", file=sys.stderr)
             return None

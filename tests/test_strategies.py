@@ -161,3 +161,13 @@ def test_epoch_order_on_one_process_is_the_plain_shuffle():
     order = EpochOrder(RandomSampler(range(9)), split="shard")
     order.set_epoch(2)
     assert list(order) == [(i, 2) for i in plain] and len(order) == 9
+
+
+def test_an_error_in_the_ranks_is_one_line_and_leaves_no_folder(tmp_path):
+    """A missing data folder is found when the ranks build the data: the parent reports their DataError."""
+    missing = tmp_path / "missing"
+    done = run_cli(["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "dataset=feature_bags",
+                    f"dataset.root={missing}", "encoder=identity", "logger=none"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: dataset.root={missing}: folder not found"
+    assert not any((tmp_path / "outputs" / "runs").iterdir())
