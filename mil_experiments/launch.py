@@ -67,6 +67,8 @@ def _rank_main(local_rank: int, world: int, port: int, config_yaml: str, output_
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     rank_zero_only.rank = local_rank
+    if local_rank != 0:
+        _close_inherited_log_files()
     outcome: dict = {"status": "ok"}
     try:
         from mil_experiments.run import train_and_test
@@ -79,6 +81,16 @@ def _rank_main(local_rank: int, world: int, port: int, config_yaml: str, output_
         _write_outcome(outcomes, local_rank, outcome)
         raise SystemExit(1) from None
     _write_outcome(outcomes, local_rank, outcome)
+
+
+def _close_inherited_log_files() -> None:
+    """A forked rank other than 0 keeps Hydra's console logging but not its run.log (rank 0 writes)."""
+    import logging
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
 
 
 def _write_outcome(folder: str, rank: int, outcome: dict) -> None:

@@ -9,7 +9,8 @@ Scaling: one bag of N tiles, forward + backward, per rank: tiles per second (N /
 slowest rank's time per bag) and the peak activations saved for backward (CPU; on CUDA
 also `max_memory_allocated`), for 1 rank (the single-device engine) and R ranks.
 
-    python scripts/bench_strategies.py --ranks 2 --tiles 256 --steps 20 --out outputs/strategies
+    python scripts/bench_strategies.py --ranks 4 --tiles 256 --steps 20 --out outputs/strategies
+    python scripts/bench_strategies.py --ranks 4 --steps 20 --skip-scaling --dtype float64 --out outputs/strategies_f64
 writes figure3.png, figure3.csv, scaling.md and scaling.json under --out.
 """
 
@@ -102,9 +103,10 @@ def _engines(alpha: float):
 
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(args.threads)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     report: dict = {"scaling": {}, "figure3": {}}
-    for alpha in args.alphas:
+    for alpha in [] if args.skip_scaling else args.alphas:
         for layout in args.layouts:
             if layout == "dedicated" and world < 2:
                 continue
@@ -134,6 +136,8 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
 def _single(args) -> dict:
     """1 rank: the single-device engine (no process group)."""
     torch.set_num_threads(args.threads)
+    if args.skip_scaling:
+        return {}
     return {f"alpha={alpha:g}": _time_bag(_engines(alpha), args.tiles, args.repeats) for alpha in args.alphas}
 
 
@@ -152,6 +156,9 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[100.0, 25.0])
     parser.add_argument("--layouts", nargs="+", default=["replicated", "dedicated"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="Figure 3 in float64 separates the decomposition from float32 rounding")
+    parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("outputs/strategies"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +166,8 @@ def main() -> None:
     path = args.out / "ranks.json"
     mp.spawn(_worker, args=(args.ranks, _free_port(), args, str(path)), nprocs=args.ranks, join=True)
     report = json.loads(path.read_text())
-    write_scaling(single, report["scaling"], args)
+    if report["scaling"]:
+        write_scaling(single, report["scaling"], args)
     if report["figure3"]:
         write_figure3(report["figure3"], args)
 
@@ -204,7 +212,7 @@ def write_figure3(curves: dict, args) -> None:
             axis.set_title(title)
             axis.set_xlabel("optimizer step")
     axes[0].legend()
-    figure.suptitle(f"single device vs tile-parallel ({args.tiles} tiles per bag, LeNet + ABMIL, Adam, float32)")
+    figure.suptitle(f"single device vs tile-parallel ({args.tiles} tiles per bag, LeNet + ABMIL, Adam, {args.dtype})")
     figure.tight_layout()
     figure.savefig(args.out / "figure3.png", dpi=110)
     plt.close(figure)
