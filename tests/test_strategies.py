@@ -1,7 +1,7 @@
 """`strategy=ddp | tile_parallel` from the command line, and `dataset.tiles_per_bag`.
 
-Two CLI calls on 2 CPU processes (gloo): a multirun over both strategies, and the single-
-device run they are compared with. (The gradient equivalence of the engines themselves,
+One CLI multirun over both strategies on 2 CPU processes (gloo), compared with a single-
+device run. (The gradient equivalence of the engines themselves,
 every layout and sharding: tests/test_distributed.py.)
 """
 
@@ -22,6 +22,7 @@ from mil_experiments.data.bag_order import EpochOrder, TrainBags, tile_positions
 from mil_experiments.data.digits_bags import DigitsBagsDataModule
 from mil_experiments.engine.distributed import DataParallelEngine, TileParallelEngine
 from mil_experiments.errors import ConfigError
+from mil_experiments.run import train_and_test
 from tests.conftest import TINY, run_cli
 
 # 7 training bags: uneven on 2 ranks (ddp: rank 1 has no bag in the last step)
@@ -44,12 +45,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("strategies")
     multi = run_cli(["-m", "strategy=ddp,tile_parallel", "trainer.devices=2", *RUN], cwd=root)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    # one device, the gradient of 2 bags per step: what ddp on 2 ranks with one bag each computes
-    single = run_cli([*RUN, "method.bags_per_step=2", "method.step_schedule=every_k"], cwd=root)
-    assert single.returncode == 0, single.stderr[-3000:]
     (sweep,) = (root / "outputs" / "multirun").iterdir()
-    (run,) = (root / "outputs" / "runs").iterdir()  # the single run's folder, and no rank made one of its own
-    return {"sweep": sweep, "ddp": sweep / "0", "tile_parallel": sweep / "1", "single": run}
+    assert not (root / "outputs" / "runs").exists()  # no rank made a folder of its own
+    # one device, the gradient of 2 bags per step: what ddp on 2 ranks with one bag each computes
+    # (in this process: the same code as the CLI's, without a second interpreter start)
+    single = root / "single"
+    train_and_test(compose_config([*RUN, "method.bags_per_step=2", "method.step_schedule=every_k"]), single)
+    return {"sweep": sweep, "ddp": sweep / "0", "tile_parallel": sweep / "1", "single": single}
 
 
 def test_each_multi_process_run_writes_one_folder_with_the_single_run_files(runs):
