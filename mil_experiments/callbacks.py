@@ -77,7 +77,9 @@ class Telemetry(L.Callback):
             telemetry["memory/peak_cuda_mb"] = peak / 2**20
         if trainer.world_size > 1:  # every rank's numbers; the columns above are rank 0's
             mine = torch.tensor([telemetry["time/bag_s"], self._epoch_saved, peak], dtype=torch.float64, device=pl_module.device)
-            worst = pl_module.all_gather(mine).reshape(trainer.world_size, 3).amax(0)  # (3,): max over ranks
+            every = [torch.empty_like(mine) for _ in range(trainer.world_size)]
+            torch.distributed.all_gather(every, mine)
+            worst = torch.stack(every).amax(0)  # (3,): max over ranks
             self.max_rank_bag_seconds = max(self.max_rank_bag_seconds, float(worst[0]))
             self.max_rank_saved_bytes = max(self.max_rank_saved_bytes, int(worst[1]))
             self.max_rank_cuda_bytes = max(self.max_rank_cuda_bytes, int(worst[2]))

@@ -164,6 +164,16 @@ def _broadcast_rng_state(src: int, group, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda_state.cpu(), device)
 
 
+def same_random_state_on_every_rank(device: torch.device) -> None:
+    """Every process takes rank 0's random state (no-op without a process group of 2 or more).
+
+    Before evaluation, which every rank runs on every bag: random inference samples, and so
+    the metrics that drive model selection, schedulers and early stopping, agree.
+    """
+    if world_size() > 1:
+        _broadcast_rng_state(0, None, device)
+
+
 def _materialise(parameters: list[torch.Tensor], group) -> list[torch.Tensor]:
     """Parameters with a gradient on some rank, with zeros where this rank has none.
 

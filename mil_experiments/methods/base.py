@@ -33,6 +33,7 @@ from mil_experiments.bag import Bag
 from mil_experiments.data.bag_order import NoBag
 from mil_experiments.data.description import DataDescription
 from mil_experiments.engine import GradientEngine, HeadResult, encode_in_chunks
+from mil_experiments.engine.distributed import same_random_state_on_every_rank
 from mil_experiments.errors import ConfigError
 from mil_experiments.evaluation import (
     BagEvaluation,
@@ -247,6 +248,7 @@ class MILMethod(L.LightningModule):
     # --- evaluation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_looks = []
+        same_random_state_on_every_rank(self.device)  # several processes: identical evaluation on every rank
 
     def validation_step(self, bag: Bag, batch_idx: int) -> None:
         repeats = self.sampling.val_repeats if self.sampling.inference < 100 else 1
@@ -279,6 +281,7 @@ class MILMethod(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_records = {p: [] for p in self.test_percents}
+        same_random_state_on_every_rank(self.device)
 
     def test_step(self, bag: Bag, batch_idx: int) -> None:
         for percent, records in self._test_records.items():
