@@ -58,32 +58,23 @@ def prepare_run_dir(output_dir: Path, overwrite: bool) -> None:
 def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     """Fit with model selection, test the selected model, write results.json; return it.
 
+    With strategy=ddp | tile_parallel and trainer.devices > 1 this process starts the
+    ranks (`launch.spawn_ranks`), each of which runs this function in `output_dir`; under
+    torchrun / srun every process is already a rank. Rank 0 alone writes files.
+
     With `resume`, training continues from `<output_dir>/checkpoints/last.ckpt` (the
     model, optimizer, scheduler, loops, selection state and random state of the last
     finished epoch); the final results equal those of an uninterrupted run.
     """
     from mil_experiments import launch
-    from mil_experiments.config import validate
     from mil_experiments.experiment import build_experiment, build_trainer
     from mil_experiments.results import package_versions, write_results
     from mil_experiments.strategies import is_rank_zero
 
     if not launch.spawned():
-        checked = validate(cfg)  # bad input stops here, before any rank starts
-        environment = launch.external_environment()
-        if environment is not None and environment.world_size() != checked.world_size:
-            raise ConfigError(
-                f"{environment.world_size()} processes were started, but trainer.devices={checked.trainer.devices}"
-                f" x trainer.num_nodes={checked.trainer.num_nodes} = {checked.world_size} with strategy={checked.strategy.name}"
-            )
-        if checked.world_size > 1 and environment is None:
-            if checked.trainer.num_nodes > 1:
-                raise ConfigError(f"trainer.num_nodes={checked.trainer.num_nodes}: start the ranks of every node with torchrun or SLURM (docs/strategies.md)")
-            if not resume:
-                prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))
-            from mil_experiments.strategies import start_method
-
-            return launch.spawn_ranks(cfg, output_dir, checked.world_size, resume, start_method(cfg), checked.strategy.master_port)
+        ranks_results = _run_on_spawned_ranks(cfg, output_dir, resume)
+        if ranks_results is not None:
+            return ranks_results
     writer = is_rank_zero()  # rank 0 alone writes the run's files
     if not resume and writer and not launch.spawned():
         prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))
@@ -149,6 +140,29 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
     if writer:
         write_results(output_dir / "results.json", results)
     return results
+
+
+def _run_on_spawned_ranks(cfg: DictConfig, output_dir: Path, resume: bool) -> dict | None:
+    """A multi-process run that nobody else started: start its ranks here and return rank 0's
+    results; None when this process is the run (one process, or a torchrun / srun rank)."""
+    from mil_experiments import launch
+    from mil_experiments.config import validate
+    from mil_experiments.strategies import start_method
+
+    checked = validate(cfg)  # bad input stops here, before any rank starts
+    environment = launch.external_environment()
+    if environment is not None and environment.world_size() != checked.world_size:
+        raise ConfigError(
+            f"{environment.world_size()} processes were started, but trainer.devices={checked.trainer.devices}"
+            f" x trainer.num_nodes={checked.trainer.num_nodes} = {checked.world_size} with strategy={checked.strategy.name}"
+        )
+    if checked.world_size == 1 or environment is not None:
+        return None
+    if checked.trainer.num_nodes > 1:
+        raise ConfigError(f"trainer.num_nodes={checked.trainer.num_nodes}: start the ranks of every node with torchrun or SLURM (docs/strategies.md)")
+    if not resume:
+        prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))
+    return launch.spawn_ranks(cfg, output_dir, checked.world_size, resume, start_method(cfg), checked.strategy.master_port)
 
 
 def _protocol_report(experiment, output_dir: Path, val_records, write_png: bool = True) -> dict:

@@ -25,8 +25,9 @@ from mil_experiments.errors import ConfigError
 from mil_experiments.run import train_and_test
 from tests.conftest import TINY, run_cli
 
-# 7 training bags: uneven on 2 ranks (ddp: rank 1 has no bag in the last step)
-RUN = [o for o in TINY if not o.startswith("dataset.train_bags")] + ["dataset.train_bags=7", "trainer.accelerator=cpu"]
+# 7 training bags: uneven on 2 ranks (ddp: rank 1 has no bag in the last step); random
+# inference samples (50%), which every rank must draw alike
+RUN = [o for o in TINY if not o.startswith("dataset.train_bags")] + ["dataset.train_bags=7", "trainer.accelerator=cpu", "sampling.inference=50"]
 
 
 def _metrics(folder: Path) -> list[dict[str, str]]:
@@ -69,12 +70,16 @@ def test_each_multi_process_run_writes_one_folder_with_the_single_run_files(runs
 
 def test_ddp_train_loss_equals_single_device_with_the_same_bags_per_step(runs):
     """Rank r takes bags r, r+2, ... of the same order; the step averages the two bags'
-    gradients, as one device does with bags_per_step=2 (the 7th bag's step: rank 1 adds 0)."""
+    gradients, as one device does with bags_per_step=2 (the 7th bag's step: rank 1 adds 0).
+    Validation and test draw their 50% samples from rank 0's random state, as one device does."""
     ddp, single = _metrics(runs["ddp"]), _metrics(runs["single"])
     for a, b in zip(ddp, single, strict=True):
         for key in ("train/loss", "val/loss"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-5 * abs(float(b[key])), (key, a[key], b[key])
         assert a["train/error"] == b["train/error"]
+    ddp_test, single_test = (json.loads((runs[n] / "results.json").read_text())["test"] for n in ("ddp", "single"))
+    assert ddp_test["test/accuracy"] == single_test["test/accuracy"]
+    assert ddp_test["test/auc"] == pytest.approx(single_test["test/auc"], abs=1e-6)
 
 
 def test_tile_parallel_reports_memory_and_time_of_every_rank(runs):
