@@ -178,3 +178,22 @@ def test_an_error_in_the_ranks_is_one_line_and_leaves_no_folder(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == f"error: dataset.root={missing}: folder not found"
     assert not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_folder(tmp_path):
+    """torchrun starts both ranks, each running Hydra: one folder remains, rank 0's (make test-slow)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mil_experiments",
+               "strategy=ddp", "trainer.devices=2", *RUN]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert {"results.json", "metrics.csv", "config.yaml", "checkpoints/selected.ckpt"} <= _files(run)
+    assert json.loads((run / "results.json").read_text())["strategy"]["world_size"] == 2
