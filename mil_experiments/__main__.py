@@ -26,8 +26,10 @@ if __name__ == "__main__":
     finally:
         if SWEEP.sweep_dir is not None:
             from mil_experiments.results import write_summary
+            from mil_experiments.strategies import is_rank_zero
 
-            write_summary(SWEEP.sweep_dir)
+            if is_rank_zero():  # torchrun / srun: every rank ran the sweep; rank 0 writes its summary
+                write_summary(SWEEP.sweep_dir)
     if SWEEP.failed:
         print(f"error: {len(SWEEP.failed)} job(s) of the sweep failed:\n  " + "\n  ".join(SWEEP.failed), file=sys.stderr)
         sys.exit(min(len(SWEEP.failed), 125))

@@ -9,7 +9,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from mil_experiments.data.bag_order import NoBag
 from mil_experiments.metrics import log_values
+from mil_experiments.strategies import is_rank_zero
 from mil_experiments.telemetry import SavedTensorMeter, Stopwatch
 
 
@@ -19,7 +21,9 @@ class Telemetry(L.Callback):
     Logs `time/epoch_train_s`, `time/bag_s` (mean per bag), `memory/peak_saved_mb`
     (activations saved for backward in one bag, any device) and, on CUDA,
     `memory/peak_cuda_mb` (`torch.cuda.max_memory_allocated`) once the training part of
-    an epoch is over.
+    an epoch is over. With several processes these are rank 0's, and
+    `time/max_rank_bag_s`, `memory/max_rank_peak_saved_mb` (and
+    `memory/max_rank_peak_cuda_mb`) are the largest over the ranks.
     """
 
     def __init__(self, count_saved_tensors: bool = True) -> None:
@@ -28,6 +32,9 @@ class Telemetry(L.Callback):
         self.peak_saved_bytes = 0
         self.peak_cuda_bytes = 0
         self.bag_seconds: list[float] = []
+        self.max_rank_bag_seconds = 0.0  # several processes: the worst rank's epoch mean, worst epoch
+        self.max_rank_saved_bytes = 0
+        self.max_rank_cuda_bytes = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_watch = Stopwatch()
@@ -48,9 +55,10 @@ class Telemetry(L.Callback):
             self._meter.__exit__(None, None, None)
             self._epoch_saved = max(self._epoch_saved, self._meter.peak_bytes)
             self._meter = None
-        self._epoch_bags.append(self._bag_watch.elapsed())
+        if not isinstance(batch, NoBag):  # a ddp rank's empty step is not a bag
+            self._epoch_bags.append(self._bag_watch.elapsed())
 
-    def _close_training_part(self, pl_module: L.LightningModule) -> None:
+    def _close_training_part(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._train_seconds is not None:
             return
         self._train_seconds = self._epoch_watch.elapsed()
@@ -62,22 +70,37 @@ class Telemetry(L.Callback):
             "time/bag_s": float(np.mean(self._epoch_bags)) if self._epoch_bags else 0.0,
             "memory/peak_saved_mb": self._epoch_saved / 2**20,
         }
+        peak = 0
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device)
             self.peak_cuda_bytes = max(self.peak_cuda_bytes, peak)
             telemetry["memory/peak_cuda_mb"] = peak / 2**20
+        if trainer.world_size > 1:  # every rank's numbers; the columns above are rank 0's
+            mine = torch.tensor([telemetry["time/bag_s"], self._epoch_saved, peak], dtype=torch.float64, device=pl_module.device)
+            every = [torch.empty_like(mine) for _ in range(trainer.world_size)]
+            torch.distributed.all_gather(every, mine)
+            worst = torch.stack(every).amax(0)  # (3,): max over ranks
+            self.max_rank_bag_seconds = max(self.max_rank_bag_seconds, float(worst[0]))
+            self.max_rank_saved_bytes = max(self.max_rank_saved_bytes, int(worst[1]))
+            self.max_rank_cuda_bytes = max(self.max_rank_cuda_bytes, int(worst[2]))
+            telemetry["time/max_rank_bag_s"] = float(worst[0])
+            telemetry["memory/max_rank_peak_saved_mb"] = float(worst[1]) / 2**20
+            if pl_module.device.type == "cuda":
+                telemetry["memory/max_rank_peak_cuda_mb"] = float(worst[2]) / 2**20
         pl_module.log_dict(log_values(telemetry), on_epoch=True)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and hasattr(self, "_epoch_watch"):
-            self._close_training_part(pl_module)
+            self._close_training_part(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close_training_part(pl_module)
+        self._close_training_part(trainer, pl_module)
 
     def state_dict(self) -> dict:
         return {"total_train_seconds": self.total_train_seconds, "peak_saved_bytes": self.peak_saved_bytes,
-                "peak_cuda_bytes": self.peak_cuda_bytes, "bag_seconds": list(self.bag_seconds)}
+                "peak_cuda_bytes": self.peak_cuda_bytes, "bag_seconds": list(self.bag_seconds),
+                "max_rank_bag_seconds": self.max_rank_bag_seconds, "max_rank_saved_bytes": self.max_rank_saved_bytes,
+                "max_rank_cuda_bytes": self.max_rank_cuda_bytes}
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -91,6 +114,11 @@ class Telemetry(L.Callback):
         }
         if self.peak_cuda_bytes:
             out["peak_cuda_allocated_mb"] = self.peak_cuda_bytes / 2**20
+        if self.max_rank_saved_bytes or self.max_rank_bag_seconds:  # several processes
+            out["max_rank_seconds_per_bag"] = self.max_rank_bag_seconds
+            out["max_rank_peak_saved_activations_mb"] = self.max_rank_saved_bytes / 2**20
+            if self.max_rank_cuda_bytes:
+                out["max_rank_peak_cuda_allocated_mb"] = self.max_rank_cuda_bytes / 2**20
         return out
 
 
@@ -110,6 +138,9 @@ class EpochMetricsWriter(L.Callback):
         metrics = trainer.callback_metrics
         if trainer.sanity_checking or "val/loss" not in metrics:
             return
+        if not getattr(trainer, "is_global_zero", True):  # rank 0 alone writes; every rank counts the epochs
+            self.rows += 1
+            return
         row = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in metrics.items()}}
         if self.columns is None:
             names = [k for k in row if k != "epoch"]
@@ -127,7 +158,7 @@ class EpochMetricsWriter(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         """On resume: keep the rows of the epochs the checkpoint holds, drop any written after it."""
         self.columns, self.rows = state["columns"], state["rows"]
-        if self.path.exists() and self.columns is not None:
+        if self.path.exists() and self.columns is not None and is_rank_zero():
             with self.path.open(newline="") as f:
                 lines = list(csv.reader(f))
             with self.path.open("w", newline="") as f:

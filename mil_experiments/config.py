@@ -22,6 +22,7 @@ from mil_experiments.errors import ConfigError
 from mil_experiments.models.encoders import ENCODER_CONFIGS, EncoderConfig
 from mil_experiments.sampling import SamplingConfig
 from mil_experiments.selection import SelectionConfig
+from mil_experiments.strategies import STRATEGY_CONFIGS, StrategyConfig, world_size_of, wrap_engine
 from mil_experiments.test_report import EvaluationConfig
 
 TOP_LEVEL_KEYS = {
@@ -31,7 +32,7 @@ TOP_LEVEL_KEYS = {
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 MAX_SEED = 2**32 - 1
-STRATEGIES = ("single",)
+STRATEGIES = tuple(STRATEGY_CONFIGS)
 LOGGERS = ("wandb", "csv", "none")
 
 
@@ -41,7 +42,8 @@ class TrainerConfig:
 
     max_epochs: int = 20
     accelerator: str = "auto"
-    devices: Any = 1
+    devices: Any = 1  # processes per node for strategy=ddp | tile_parallel
+    num_nodes: int = 1  # machines (torchrun / SLURM start the processes on each)
     precision: str = "32-true"
     deterministic: bool = False
     enable_progress_bar: bool = True
@@ -60,11 +62,6 @@ class LoggerConfig:
     entity: str | None = None
     mode: str = "offline"  # offline | online | disabled
     tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StrategyConfig:
-    name: str = "single"
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
@@ -105,7 +102,7 @@ class ValidatedConfig:
     aggregator: Any
     method_class: type
     method: Any
-    engine: GradientEngine
+    engine: GradientEngine  # as the strategy runs it (wrapped by strategy=ddp | tile_parallel)
     trainer: TrainerConfig
     logger: LoggerConfig
     strategy: StrategyConfig
@@ -114,6 +111,7 @@ class ValidatedConfig:
     telemetry: TelemetryConfig
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    world_size: int = 1  # processes of the run (trainer.devices x trainer.num_nodes; 1 for strategy=single)
 
 
 def _checked(schema: type, node: Any, where: str, strip: tuple[str, ...] = ("_target_",)) -> Any:
@@ -157,6 +155,17 @@ def _encoder(node: Any) -> EncoderConfig:
     if name not in ENCODER_CONFIGS:
         raise ConfigError(f"encoder.name={name!r}: choose one of {sorted(ENCODER_CONFIGS)}")
     return _checked(ENCODER_CONFIGS[name], node, "encoder")
+
+
+def _strategy(node: Any) -> StrategyConfig:
+    """`strategy=single | ddp | tile_parallel`, checked against that strategy's own keys."""
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    if name not in STRATEGY_CONFIGS:
+        raise ConfigError(f"strategy.name={name!r}: choose one of {STRATEGIES}")
+    strategy = _checked(STRATEGY_CONFIGS[name], node, "strategy")
+    if hasattr(strategy, "check"):
+        strategy.check()
+    return strategy
 
 
 def _engine(cfg: DictConfig) -> GradientEngine:
@@ -205,7 +214,7 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
         engine=engine,
         trainer=_checked(TrainerConfig, cfg.trainer, "trainer"),
         logger=_checked(LoggerConfig, cfg.logger, "logger"),
-        strategy=_checked(StrategyConfig, cfg.strategy, "strategy"),
+        strategy=_strategy(cfg.strategy),
         selection=_checked(SelectionConfig, cfg.selection, "selection"),
         sampling=_checked(SamplingConfig, cfg.sampling, "sampling"),
         telemetry=_checked(TelemetryConfig, cfg.telemetry, "telemetry"),
@@ -220,13 +229,13 @@ def validate(cfg: DictConfig) -> ValidatedConfig:
     validated.early_stopping.check()
     if validated.logger.name not in LOGGERS:
         raise ConfigError(f"logger.name={validated.logger.name!r}: choose one of {LOGGERS}")
-    if validated.strategy.name not in STRATEGIES:
-        raise ConfigError(f"strategy.name={validated.strategy.name!r}: choose one of {STRATEGIES}")
     try:
         validated.sampling.check()
     except ValueError as error:
         raise ConfigError(str(error)) from None
     validated.selection.check()
     check_trainer(validated.trainer)
+    validated.world_size = world_size_of(validated.strategy, validated.trainer.devices, validated.trainer.num_nodes)
+    validated.engine = wrap_engine(validated.strategy, validated.engine)
     method_class.check_config(validated.method, validated.sampling)
     return validated

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mil_experiments import launch
 from mil_experiments.callbacks import EpochMetricsWriter, Telemetry
 from mil_experiments.config import ValidatedConfig, validate
 from mil_experiments.data.datamodule import BagDataModule
@@ -18,6 +19,7 @@ from mil_experiments.errors import ConfigError
 from mil_experiments.methods.base import MILMethod
 from mil_experiments.models.encoders import build_encoder
 from mil_experiments.selection import ModelSelection
+from mil_experiments.strategies import bag_split, is_rank_zero, lightning_strategy
 
 
 @dataclass
@@ -40,6 +42,7 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
     checked = validate(cfg)
     L.seed_everything(checked.seed, workers=True, verbose=False)
     datamodule = checked.dataset_class(config=checked.dataset, seed=checked.seed)
+    datamodule.bag_split = bag_split(checked.strategy)
     datamodule.setup("fit")
     data = datamodule.describe()
     aggregator_class = checked.aggregator_class
@@ -96,8 +99,10 @@ def build_trainer(experiment: Experiment) -> tuple[L.Trainer, RunCallbacks]:
     trainer_kwargs = {k: v for k, v in vars(c.trainer).items() if v is not None}
     trainer = L.Trainer(
         **trainer_kwargs,
+        strategy=lightning_strategy(c.strategy, spawned=launch.spawned()),
+        use_distributed_sampler=False,  # the datamodule deals the bags to ranks (data/bag_order.py)
         callbacks=callbacks,
-        logger=build_loggers(experiment),
+        logger=build_loggers(experiment) if is_rank_zero() else [],  # one W&B run: rank 0's
         default_root_dir=str(out),
         enable_checkpointing=True,
         num_sanity_val_steps=0,

@@ -16,6 +16,10 @@ class MultirunSummary(Callback):
     `fold_summary.csv` / `fold_summary.md` (mean ± std over folds) when it swept `dataset.fold`."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from mil_experiments.strategies import is_rank_zero
+
+        if not is_rank_zero():  # torchrun / srun: every rank ran the sweep; rank 0 writes
+            return
         path = write_summary(Path(config.hydra.sweep.dir))
         if path is not None:
             print(f"multirun summary: {path}")

@@ -58,20 +58,31 @@ def prepare_run_dir(output_dir: Path, overwrite: bool) -> None:
 def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> dict:
     """Fit with model selection, test the selected model, write results.json; return it.
 
+    With strategy=ddp | tile_parallel and trainer.devices > 1 this process starts the
+    ranks (`launch.spawn_ranks`), each of which runs this function in `output_dir`; under
+    torchrun / srun every process is already a rank. Rank 0 alone writes files.
+
     With `resume`, training continues from `<output_dir>/checkpoints/last.ckpt` (the
     model, optimizer, scheduler, loops, selection state and random state of the last
     finished epoch); the final results equal those of an uninterrupted run.
     """
+    from mil_experiments import launch
     from mil_experiments.experiment import build_experiment, build_trainer
     from mil_experiments.results import package_versions, write_results
+    from mil_experiments.strategies import is_rank_zero
 
-    if not resume:
+    if not launch.spawned():
+        ranks_results = _run_on_spawned_ranks(cfg, output_dir, resume)
+        if ranks_results is not None:
+            return ranks_results
+    writer = is_rank_zero()  # rank 0 alone writes the run's files
+    if not resume and writer and not launch.spawned():
         prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))
     experiment = build_experiment(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and writer:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if experiment.datamodule.used_split is not None:
+    if experiment.datamodule.used_split is not None and writer:
         from mil_experiments.data.slide_splits import write_split_table
 
         write_split_table(output_dir / "splits.csv", experiment.datamodule.used_split)
@@ -81,13 +92,14 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
         # The checkpoint is this run's own (it holds numpy and Python random states too).
         trainer.fit(experiment.method, datamodule=experiment.datamodule,
                     ckpt_path=str(output_dir / LAST_CHECKPOINT) if resume else None, weights_only=False)
+        trainer.strategy.barrier("selected model written")  # rank 0 wrote checkpoints/selected.ckpt
         callbacks.selection.restore_selected(experiment.method)
         val_records = None
         if experiment.checked.evaluation.threshold_from == "val":  # the selected model on the validation set
             trainer.test(experiment.method, dataloaders=experiment.datamodule.val_dataloader(), verbose=False)
             val_records = next(iter(experiment.method._test_records.values()))
         (test,) = trainer.test(experiment.method, datamodule=experiment.datamodule, verbose=False)
-        test.update(_protocol_report(experiment, output_dir, val_records))
+        test.update(_protocol_report(experiment, output_dir, val_records, writes_files=writer))
         finished = True
     except SIGTERMException:
         raise RunInterrupted(
@@ -102,6 +114,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
         "method": checked.method.name,
         "aggregator": checked.aggregator_name,
         "engine": {**checked.engine.settings(), "chunk_size": checked.engine.last_chunk_size},
+        "strategy": {**vars(checked.strategy), "world_size": checked.world_size},
         "dataset": checked.dataset.name,
         "encoder": checked.encoder.name,
         "seed": checked.seed,
@@ -124,18 +137,43 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
         "versions": package_versions(),
         "run_dir": str(output_dir),
     }
-    write_results(output_dir / "results.json", results)
+    if writer:
+        write_results(output_dir / "results.json", results)
     return results
 
 
-def _protocol_report(experiment, output_dir: Path, val_records) -> dict:
+def _run_on_spawned_ranks(cfg: DictConfig, output_dir: Path, resume: bool) -> dict | None:
+    """A multi-process run that nobody else started: start its ranks here and return rank 0's
+    results; None when this process is the run (one process, or a torchrun / srun rank)."""
+    from mil_experiments import launch
+    from mil_experiments.config import validate
+    from mil_experiments.strategies import start_method
+
+    checked = validate(cfg)  # bad input stops here, before any rank starts
+    environment = launch.external_environment()
+    if environment is not None and environment.world_size() != checked.world_size:
+        raise ConfigError(
+            f"{environment.world_size()} processes were started, but trainer.devices={checked.trainer.devices}"
+            f" x trainer.num_nodes={checked.trainer.num_nodes} = {checked.world_size} with strategy={checked.strategy.name}"
+        )
+    if checked.world_size == 1 or environment is not None:
+        return None
+    if checked.trainer.num_nodes > 1:
+        raise ConfigError(f"trainer.num_nodes={checked.trainer.num_nodes}: start the ranks of every node with torchrun or SLURM (docs/strategies.md)")
+    if not resume:
+        prepare_run_dir(output_dir, overwrite=bool(cfg.get("overwrite", False)))
+    return launch.spawn_ranks(cfg, output_dir, checked.world_size, resume, start_method(cfg), checked.strategy.master_port)
+
+
+def _protocol_report(experiment, output_dir: Path, val_records, writes_files: bool = True) -> dict:
     """The evaluation protocols' metrics of the test (first inference setting) and its confusion matrix PNG."""
     from mil_experiments.test_report import protocol_results, write_confusion_png, write_predictions_csv
 
     method, config = experiment.method, experiment.checked.evaluation
     records = next(iter(method._test_records.values()))
-    write_predictions_csv(output_dir / "test_predictions.csv", records, method.num_classes)
-    if config.confusion_matrix:
+    if writes_files:  # rank 0 alone writes
+        write_predictions_csv(output_dir / "test_predictions.csv", records, method.num_classes)
+    if config.confusion_matrix and writes_files:
         write_confusion_png(output_dir / "confusion_matrix.png", records, method.num_classes, experiment.datamodule.describe().class_names)
     return {k: v for k, v in protocol_results(records, method.num_classes, config, val_records).items() if k not in ("test/accuracy", "test/auc", "test/f1_weighted")}
 
@@ -188,13 +226,18 @@ def main(cfg: DictConfig) -> float | None:
     A multirun job never ends the sweep: it is recorded as failed (failure.json, one
     line) and the sweep goes on; `__main__` exits with the number of failed jobs.
     """
+    from mil_experiments import launch
     from mil_experiments.results import format_table
+    from mil_experiments.strategies import is_rank_zero
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
         SWEEP.sweep_dir = Path(hydra_cfg.sweep.dir)
+    environment = launch.external_environment()
+    if environment is not None:  # torchrun / srun ranks: one run folder, rank 0's
+        output_dir = launch.agree_on_run_dir(output_dir, cfg, environment)
     try:
         if cfg.get("resume"):
             run_dir = Path(str(cfg.resume))
@@ -208,7 +251,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(SIGTERM_EXIT)
     except Exception as error:
         if multirun:
-            reason = _record_failure(output_dir, error)
+            reason = _record_failure(output_dir, error) if is_rank_zero() else str(error)
             SWEEP.failed.append(f"{output_dir.name}: {reason}")
             print(f"error: job {output_dir.name} failed: {reason}", file=sys.stderr)
             return None
@@ -218,5 +261,6 @@ def main(cfg: DictConfig) -> float | None:
         if not cfg.get("resume"):
             _remove_if_empty(output_dir)
         sys.exit(2)
-    print("\nResults\n" + format_table(results))
+    if is_rank_zero():
+        print("\nResults\n" + format_table(results))
     return results["test"].get("test/accuracy")

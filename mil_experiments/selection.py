@@ -10,7 +10,8 @@ loss. `best_val_auc` (MHIM: `model_best_auc`) and `best_val_f1_weighted` (ZoomMI
 only a strict improvement selects a later epoch (the earliest best epoch is kept), and an
 undefined value (nan) never selects. `last`: the last epoch.
 
-Memory stays bounded: the states an epoch could still be selected from are kept on disk
+With several processes every rank sees the same validation metrics and makes the same
+choice; rank 0 alone writes the checkpoints. Memory stays bounded: the states an epoch could still be selected from are kept on disk
 (`checkpoints/candidates/`), and only those: an epoch followed inside the window by a
 strictly lower validation error can never be the argmin of a later window, so its state
 is dropped at once.
@@ -59,8 +60,10 @@ class ModelSelection(L.Callback):
         self.best_score = float("inf")
         self._recent: list[tuple[int, float]] = []  # (epoch, val/error) of the last `window` epochs
         self._candidates: list[tuple[int, float]] = []  # epochs that can still be selected, on disk
+        self.writes = True  # False on ranks other than 0: the same choices, no files
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.writes = getattr(trainer, "is_global_zero", True)
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.config.window
         self.window = min(self.config.window, max_epochs)
 
@@ -104,12 +107,15 @@ class ModelSelection(L.Callback):
         for e, error in self._candidates:
             if e >= oldest_in_window and error <= val_error:
                 keep.append((e, error))
-            else:
+            elif self.writes:
                 self._candidate_path(e).unlink(missing_ok=True)
         self._candidates = keep + [(epoch, val_error)]
         self._save(self._candidate_path(epoch), pl_module, epoch, val_error)
 
     def _select_candidate(self, epoch: int, score: float) -> None:
+        self.selected_epoch = epoch
+        if not self.writes:
+            return
         checkpoint = torch.load(self._candidate_path(epoch), map_location="cpu", weights_only=False)
         checkpoint["selection_score"] = score
         _atomic_save(checkpoint, self.checkpoint_path)
@@ -119,6 +125,8 @@ class ModelSelection(L.Callback):
         return self.candidates_dir / f"epoch={epoch}.ckpt"
 
     def _save(self, path: Path, pl_module: torch.nn.Module, epoch: int, score: float) -> None:
+        if not self.writes:
+            return
         state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         _atomic_save({"state_dict": state, "epoch": epoch, "selection_rule": self.config.rule, "selection_score": score}, path)
 
@@ -133,7 +141,8 @@ class ModelSelection(L.Callback):
         self._candidates = [tuple(c) for c in state["candidates"]]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        shutil.rmtree(self.candidates_dir, ignore_errors=True)
+        if self.writes:
+            shutil.rmtree(self.candidates_dir, ignore_errors=True)
         self._candidates = []
 
     def restore_selected(self, pl_module: torch.nn.Module) -> None:

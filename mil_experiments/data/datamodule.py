@@ -3,6 +3,10 @@
 A concrete dataset subclasses it, declares its config keys in a nested `Config`
 dataclass (the schema that `conf/dataset/<name>.yaml` is checked against) and implements
 `build_splits`, which returns the train / validation / test datasets of `Bag` records.
+
+Training order: shuffled each epoch (or ZoomMIL's class-weighted draw); with
+`tiles_per_bag=K` each training bag is K of its tiles, drawn afresh each epoch, and with a
+multi-process strategy the epoch's order is dealt to the ranks (`data/bag_order.py`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from mil_experiments.bag import collate_single_bag
+from mil_experiments.data.bag_order import EpochOrder, TrainBags
 from mil_experiments.data.description import DataDescription
+from mil_experiments.errors import ConfigError
 
 
 class BagDataModule(L.LightningDataModule, ABC):
@@ -31,6 +37,12 @@ class BagDataModule(L.LightningDataModule, ABC):
     class Config:
         num_workers: int = 0
         class_weighted_sampler: bool = False  # ZoomMIL: training bags drawn with weight N / n_c
+        # K tiles of each training bag (seeded, fresh each epoch; all tiles at evaluation); None = all
+        tiles_per_bag: int | None = None
+
+        def __post_init__(self) -> None:
+            if self.tiles_per_bag is not None and self.tiles_per_bag < 1:
+                raise ConfigError(f"dataset.tiles_per_bag={self.tiles_per_bag}: must be >= 1 (or null for all tiles)")
 
     def __init__(self, config: Config, seed: int) -> None:
         super().__init__()
@@ -40,6 +52,8 @@ class BagDataModule(L.LightningDataModule, ABC):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.used_split: dict[str, list[str]] | None = None  # slide ids per split, where a dataset has them
+        # Multi-process strategies: "shard" (ddp: each rank its bags) or "same" (tile_parallel: every rank every bag)
+        self.bag_split: str | None = None
 
     # --- to be provided by each dataset -------------------------------------------------
     num_classes: int = 2
@@ -79,7 +93,7 @@ class BagDataModule(L.LightningDataModule, ABC):
         generator = torch.Generator().manual_seed(self.seed)
         return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64), len(labels), replacement=True, generator=generator)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=1,
@@ -92,7 +106,11 @@ class BagDataModule(L.LightningDataModule, ABC):
 
     def train_dataloader(self) -> DataLoader:
         sampler = self.class_weighted_sampler() if self.config.class_weighted_sampler else None
-        return self._loader(self.train_set, shuffle=True, sampler=sampler)
+        if self.bag_split is None and self.config.tiles_per_bag is None:
+            return self._loader(self.train_set, shuffle=True, sampler=sampler)
+        # the same draw as the plain loader's (RandomSampler), dealt to ranks and/or cut to K tiles
+        order = EpochOrder(sampler or RandomSampler(self.train_set), split=self.bag_split)
+        return self._loader(TrainBags(self.train_set, self.config.tiles_per_bag, self.seed), shuffle=False, sampler=order)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

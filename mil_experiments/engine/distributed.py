@@ -164,6 +164,16 @@ def _broadcast_rng_state(src: int, group, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda_state.cpu(), device)
 
 
+def same_random_state_on_every_rank(device: torch.device) -> None:
+    """Every process takes rank 0's random state (no-op without a process group of 2 or more).
+
+    Before evaluation, which every rank runs on every bag: random inference samples, and so
+    the metrics that drive model selection, schedulers and early stopping, agree.
+    """
+    if world_size() > 1:
+        _broadcast_rng_state(0, None, device)
+
+
 def _materialise(parameters: list[torch.Tensor], group) -> list[torch.Tensor]:
     """Parameters with a gradient on some rank, with zeros where this rank has none.
 
@@ -270,6 +280,11 @@ class TileParallelEngine(GradientEngine):
             exchange=exchange,
         )
 
+    def sync_random_state(self, device: torch.device) -> None:
+        """Every rank takes rank 0's random state, so that a method's draws on the bag (a
+        within-bag sample, say) agree; the dedicated layout's head leaves the states apart."""
+        _broadcast_rng_state(dist.get_global_rank(self.group, 0) if self.group else 0, self.group, device)
+
     def synchronize(self, encoder_parameters: Iterable[torch.Tensor], head_parameters: Iterable[torch.Tensor]) -> None:
         """Encoder gradients summed over ranks; the head's made whole on every rank."""
         sum_gradients(encoder_parameters, self.group)
@@ -284,6 +299,7 @@ class DataParallelEngine(GradientEngine):
     """`strategy=ddp`: each rank its own bags; every gradient averaged over ranks before a step."""
 
     name = "ddp"
+    splits_bags = True
 
     def __init__(self, inner: GradientEngine, group=None) -> None:
         super().__init__()

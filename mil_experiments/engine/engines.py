@@ -52,6 +52,15 @@ class GradientEngine:
         self.last_chunk_size = chunk
         return accumulate_gradients(encoder, head, instances, chunk, backward=backward, head_parameters=head_parameters)
 
+    # Multi-process engines (`engine/distributed.py`) override the three below.
+    splits_bags = False  # True: each rank trains on its own bags (the epoch's metrics gather all ranks')
+
+    def sync_random_state(self, device: torch.device) -> None:
+        """Before a bag: make the random state agree across the ranks that share the bag (no-op here)."""
+
+    def synchronize(self, encoder_parameters: Iterable[torch.Tensor], head_parameters: Iterable[torch.Tensor]) -> None:
+        """Before an optimizer step: exchange the gradients across ranks (no-op on one device)."""
+
     def settings(self) -> dict:
         """What results.json records about the engine."""
         return {"name": self.name, **asdict(self.config)} if hasattr(self, "config") else {"name": self.name}

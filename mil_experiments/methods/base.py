@@ -8,8 +8,10 @@ Manual optimization, one bag per training step:
 - `training_bag` may change the bag first (within-bag sampling);
 - the engine fills the gradients of the head's loss (`loss_terms`, summed; each term is
   logged as `train/loss_<term>`), scaled by 1/`bags_per_step`;
-- the optimizer steps every `bags_per_step` bags, then `on_after_optimizer_step` runs (an
-  EMA teacher updates there); the LR scheduler steps per epoch.
+- the optimizer steps every `bags_per_step` bags, after the engine has exchanged the
+  gradients across ranks (`synchronize`, multi-process strategies), then
+  `on_after_optimizer_step` runs (an EMA teacher updates there); the LR scheduler steps
+  per epoch.
 
 Evaluation goes through `mil_experiments.evaluation` on whole bags: `encode_for_evaluation`
 and `predict`, so multi-level and multi-head models are evaluated by the same code.
@@ -28,8 +30,10 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 
 from mil_experiments.bag import Bag
+from mil_experiments.data.bag_order import NoBag
 from mil_experiments.data.description import DataDescription
 from mil_experiments.engine import GradientEngine, HeadResult, encode_in_chunks
+from mil_experiments.engine.distributed import same_random_state_on_every_rank
 from mil_experiments.errors import ConfigError
 from mil_experiments.evaluation import (
     BagEvaluation,
@@ -201,23 +205,40 @@ class MILMethod(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_records = []
 
-    def training_step(self, bag: Bag, batch_idx: int) -> None:
-        bag = self.training_bag(bag)
-        scale = 1.0 / self.config.bags_per_step
-        result = self.engine.backward_bag(
-            self.encoder,
-            self.head_for(bag),
-            bag.instances,
-            backward=lambda loss: self.manual_backward(loss * scale),
-            head_parameters=self.head_parameters(),
-        )
-        predicted = predicted_label(probabilities(result.output.logits, self.num_classes), self.num_classes)
-        self._train_records.append((float(result.loss), predicted, int(bag.label), {k: float(v) for k, v in result.terms.items()}))
+    def training_step(self, bag: Bag | NoBag, batch_idx: int) -> None:
+        if not isinstance(bag, NoBag):  # NoBag: this rank ran out of bags (ddp), it still steps with the others
+            self.engine.sync_random_state(self.device)
+            bag = self.training_bag(bag)
+            scale = 1.0 / self.config.bags_per_step
+            result = self.engine.backward_bag(
+                self.encoder,
+                self.head_for(bag),
+                bag.instances,
+                backward=lambda loss: self.manual_backward(loss * scale),
+                head_parameters=self.head_parameters(),
+            )
+            predicted = predicted_label(probabilities(result.output.logits, self.num_classes), self.num_classes)
+            self._train_records.append((float(result.loss), predicted, int(bag.label), {k: float(v) for k, v in result.terms.items()}))
         if step_now(self.config.step_schedule, self.config.bags_per_step, batch_idx, self.trainer.num_training_batches):
             optimizer = self.optimizers()
+            self.engine.synchronize(*self._encoder_and_head_trainables())
             optimizer.step()
             optimizer.zero_grad()
             self.on_after_optimizer_step()
+
+    def _encoder_and_head_trainables(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The trainable parameters, split into the encoder's and the rest (what the engine synchronises)."""
+        in_encoder = {id(p) for p in self.encoder.parameters()}
+        trainable = self.trainable_parameters()
+        return [p for p in trainable if id(p) in in_encoder], [p for p in trainable if id(p) not in in_encoder]
+
+    def _epoch_train_records(self) -> list:
+        """This epoch's training records, of every rank's bags when the ranks train on different bags."""
+        if not self.engine.splits_bags or not torch.distributed.is_initialized():
+            return self._train_records
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, self._train_records)
+        return [record for records in gathered for record in records]
 
     def on_train_epoch_end(self) -> None:
         scheduler = self.lr_schedulers()
@@ -227,6 +248,7 @@ class MILMethod(L.LightningModule):
     # --- evaluation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_looks = []
+        same_random_state_on_every_rank(self.device)  # several processes: identical evaluation on every rank
 
     def validation_step(self, bag: Bag, batch_idx: int) -> None:
         repeats = self.sampling.val_repeats if self.sampling.inference < 100 else 1
@@ -237,8 +259,9 @@ class MILMethod(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         metrics = {}
-        if self._train_records:
-            losses, predicted, labels, terms = zip(*self._train_records, strict=True)
+        records = self._epoch_train_records()
+        if records:
+            losses, predicted, labels, terms = zip(*records, strict=True)
             metrics["train/loss"] = float(np.mean(losses))
             metrics["train/error"] = float(np.mean(np.asarray(predicted) != np.asarray(labels)))
             for name in terms[0]:
@@ -258,6 +281,7 @@ class MILMethod(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_records = {p: [] for p in self.test_percents}
+        same_random_state_on_every_rank(self.device)
 
     def test_step(self, bag: Bag, batch_idx: int) -> None:
         for percent, records in self._test_records.items():
