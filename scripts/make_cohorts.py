@@ -127,12 +127,13 @@ def overview(root: Path, summary: dict, out: Path) -> None:
         mask = cv2.resize(mask, thumbnail.shape[1::-1], interpolation=cv2.INTER_NEAREST)  # (h, w)
         axes[1, j].imshow(thumbnail.mean(axis=2), cmap="gray", vmin=0, vmax=255)
         axes[1, j].imshow(np.ma.masked_equal(mask, 0), cmap=colours, vmin=0, vmax=len(kinds), interpolation="nearest", alpha=0.85)
-        axes[1, j].set_title("mask: " + ", ".join(f"{n} ({c})" for n, c in zip(kinds, colour_names, strict=False)), fontsize=7)
+        axes[1, j].set_title("lesion mask", fontsize=8)
     for j, (kind, s, (x, y)) in enumerate(crops):
         with open_slide(root / "slides" / f"{s['slide_id']}.tiff") as slide:
             axes[2, j].imshow(slide.read_region((max(0, x - 96), max(0, y - 96)), 0, (192, 192)))
         axes[2, j].set_title(f"{kind}, level 0 ({summary['base_magnification']:g}x)", fontsize=8)
-    fig.suptitle(f"{summary['config']['name']} (imitates {summary['config']['imitates']})", fontsize=10)
+    legend = ", ".join(f"{n} {c}" for n, c in zip(kinds, colour_names, strict=False))
+    fig.suptitle(f"{summary['config']['name']} (imitates {summary['config']['imitates']}); mask: {legend}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
