@@ -93,7 +93,7 @@ def overview(root: Path, summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from mil_experiments.data.wsi.cohorts import kinds_mask_path, read_kinds_mask
+    from mil_experiments.data.wsi.masks import kinds_mask_path, read_kinds_mask
     from mil_experiments.data.wsi.readers import open_slide
 
     slides = summary["slides"]

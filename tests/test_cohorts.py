@@ -15,11 +15,9 @@ from mil_experiments.data.wsi.cohorts import (
     BenchmarkCohortConfig,
     cohort_plan,
     generate_lesion_slide,
-    kinds_mask_path,
     make_benchmark_cohort,
-    read_kinds_mask,
 )
-from mil_experiments.data.wsi.masks import read_tumour_mask, tumour_mask_path
+from mil_experiments.data.wsi.masks import kinds_mask_path, read_kinds_mask, read_tumour_mask, tumour_mask_path
 from mil_experiments.data.wsi.synthetic import slide_rng
 from mil_experiments.errors import ConfigError
 

@@ -28,18 +28,16 @@ Slide i draws from `SeedSequence([seed, i])`: the cohort does not depend on the 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from mil_experiments.data.wsi.masks import tumour_mask_path
+from mil_experiments.data.wsi.masks import kinds_mask_path, tumour_mask_path
 from mil_experiments.data.wsi.synthetic import (
     BACKGROUND_RGB,
     NUCLEUS_RGB,
@@ -51,8 +49,10 @@ from mil_experiments.data.wsi.synthetic import (
     _sheet_points,
     _smooth_noise,
     _tissue_field,
+    run_slide_jobs,
     slide_rng,
     stroma_shade,
+    write_csv,
     write_pyramidal_tiff,
 )
 from mil_experiments.errors import ConfigError
@@ -353,19 +353,6 @@ def generate_lesion_slide(rng: np.random.Generator, presentation: Presentation, 
     return LesionSlide(image=image, kinds=kinds, tissue=tissue, lesions=drawn)
 
 
-def kinds_mask_path(root: str | Path, slide_id: str) -> Path:
-    """Where a benchmark cohort keeps the lesion-kind map of `slide_id`."""
-    return Path(root) / "masks" / f"{slide_id}_kinds.png"
-
-
-def read_kinds_mask(path: str | Path) -> np.ndarray:
-    """A saved lesion-kind map as (h, w) uint8 (0 = none, k + 1 = kind k)."""
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise FileNotFoundError(f"{path}: lesion-kind mask missing or unreadable")
-    return mask
-
-
 def _make_one(args: tuple[str, dict, BenchmarkCohortConfig]) -> dict:
     root, entry, cfg = args
     rng = slide_rng(cfg.seed, entry["index"])
@@ -390,8 +377,6 @@ def make_benchmark_cohort(root: str | Path, cfg: BenchmarkCohortConfig, progress
     Returns:
         The content of `cohort.json`.
     """
-    from tqdm.auto import tqdm
-
     from mil_experiments import __version__
 
     root = Path(root)
@@ -399,26 +384,13 @@ def make_benchmark_cohort(root: str | Path, cfg: BenchmarkCohortConfig, progress
     (root / "masks").mkdir(parents=True, exist_ok=True)
     plan = cohort_plan(cfg)
     start = time.perf_counter()
-    jobs = [(str(root), entry, cfg) for entry in plan]
-    bar = tqdm(total=len(jobs), desc=f"{cfg.name}: slides", disable=not progress)
-    if cfg.num_workers > 1:
-        with ProcessPoolExecutor(max_workers=cfg.num_workers) as pool:
-            facts = []
-            for fact in pool.map(_make_one, jobs):
-                facts.append(fact)
-                bar.update()
-    else:
-        facts = []
-        for job in jobs:
-            facts.append(_make_one(job))
-            bar.update()
-    bar.close()
+    facts = run_slide_jobs(_make_one, [(str(root), entry, cfg) for entry in plan], cfg.num_workers, f"{cfg.name}: slides" if progress else None)
     seconds = time.perf_counter() - start
-    _write_csv(root / "labels.csv", ["slide_id", "label"], [[e["slide_id"], e["label"]] for e in plan])
-    _write_csv(root / "splits.csv", ["slide_id", "split"], [[e["slide_id"], e["split"]] for e in plan])
+    write_csv(root / "labels.csv", ["slide_id", "label"], [[e["slide_id"], e["label"]] for e in plan])
+    write_csv(root / "splits.csv", ["slide_id", "split"], [[e["slide_id"], e["split"]] for e in plan])
     share_keys = [f"{k.name}_share" for k in cfg.kinds]
     columns = ["slide_id", "label", "class", "presentation", "split", "lesion_share", *share_keys]
-    _write_csv(root / "slides.csv", columns, [[f[c] if not isinstance(f[c], float) else f"{f[c]:.5f}" for c in columns] for f in facts])
+    write_csv(root / "slides.csv", columns, [[f[c] if not isinstance(f[c], float) else f"{f[c]:.5f}" for c in columns] for f in facts])
     summary = {
         "version": __version__,
         "config": asdict(cfg),
@@ -432,9 +404,3 @@ def make_benchmark_cohort(root: str | Path, cfg: BenchmarkCohortConfig, progress
     (root / "cohort.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)

@@ -441,21 +441,10 @@ def make_cohort(root: str | Path, cfg: CohortConfig) -> dict:
     (root / "masks").mkdir(parents=True, exist_ok=True)
     plan = cohort_plan(cfg)
     start = time.perf_counter()
-    jobs = [(str(root), entry, cfg) for entry in plan]
-    if cfg.num_workers > 1:
-        with ProcessPoolExecutor(max_workers=cfg.num_workers) as pool:
-            facts = list(pool.map(_make_one, jobs))
-    else:
-        facts = [_make_one(job) for job in jobs]
+    facts = run_slide_jobs(_make_one, [(str(root), entry, cfg) for entry in plan], cfg.num_workers)
     seconds = time.perf_counter() - start
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["slide_id", "label"])
-        writer.writerows([[e["slide_id"], e["label"]] for e in plan])
-    with open(root / "splits.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["slide_id", "split"])
-        writer.writerows([[e["slide_id"], e["split"]] for e in plan])
+    write_csv(root / "labels.csv", ["slide_id", "label"], [[e["slide_id"], e["label"]] for e in plan])
+    write_csv(root / "splits.csv", ["slide_id", "split"], [[e["slide_id"], e["split"]] for e in plan])
     summary = {
         "version": __version__,
         "config": asdict(cfg),
@@ -466,3 +455,30 @@ def make_cohort(root: str | Path, cfg: CohortConfig) -> dict:
     }
     (root / "cohort.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def run_slide_jobs(make_one, jobs: list, num_workers: int, description: str | None = None) -> list[dict]:
+    """`make_one(job)` for every job, in order, in `num_workers` processes when > 1; a progress bar with `description`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=description, disable=description is None)
+    facts = []
+    if num_workers > 1:
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            for fact in pool.map(make_one, jobs):
+                facts.append(fact)
+                bar.update()
+    else:
+        for job in jobs:
+            facts.append(make_one(job))
+            bar.update()
+    bar.close()
+    return facts
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    """A CSV file with a header row."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
