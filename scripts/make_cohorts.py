@@ -81,7 +81,8 @@ def extract(root: Path, raw: dict) -> dict:
         encoder=dict(ENCODER),
         batch_size=256,
     )
-    return run_extraction(config)
+    run_extraction(config)
+    return json.loads((Path(config.out_dir) / "extraction.json").read_text())  # the run that extracted them (a rerun skips)
 
 
 def overview(root: Path, summary: dict, out: Path) -> None:

@@ -63,8 +63,10 @@ def test_extract_writes_aligned_feature_files_and_resumes(cohort, tmp_path):
     assert max(float(p.tumour_fraction[20.0].max()) for p in positives) > 0.9
 
     # resumable: a second run skips every slide; a deleted file is redone identically
+    record = (out / "extraction.json").read_text()
     again = run_extraction(extraction_config(cohort, out))
     assert again["extracted"] == 0 and again["skipped_existing"] == 6
+    assert (out / "extraction.json").read_text() == record  # the record of the run that extracted is kept
     before = features.features[20.0].copy()
     (out / "slide_000.h5").unlink()
     redo = run_extraction(extraction_config(cohort, out))

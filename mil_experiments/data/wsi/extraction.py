@@ -220,7 +220,8 @@ def run_extraction(config: ExtractionConfig) -> dict:
 
     Returns:
         A summary (also written to `<out_dir>/extraction.json`): slide counts, tiles
-        encoded, seconds and tiles per second.
+        encoded, seconds and tiles per second. A run that only skips finished slides does not
+        overwrite the file, so it keeps the record of the run that extracted them.
     """
     slides = list_slides(config)
     out_dir = Path(config.out_dir)
@@ -262,7 +263,8 @@ def run_extraction(config: ExtractionConfig) -> dict:
     summary["seconds"] = round(seconds, 2)
     summary["tiles_per_second"] = round(summary["tiles"] / seconds, 1) if summary["tiles"] else None
     summary["config"] = asdict(config)
-    (out_dir / "extraction.json").write_text(json.dumps(summary, indent=1))
+    if todo or not (out_dir / "extraction.json").is_file():  # a run that only skipped keeps the record of the one that extracted
+        (out_dir / "extraction.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
