@@ -15,15 +15,7 @@ import torch
 from torch import nn
 
 from mil_experiments.models.aggregator import Aggregator, AggregatorOutput
-
-
-def xavier_init(module: nn.Module) -> None:
-    """Xavier-normal weights and zero biases for every Linear layer (MHIM's initialisation)."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            nn.init.xavier_normal_(layer.weight)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
+from mil_experiments.models.initialization import xavier_init
 
 
 class ABMILMHIM(Aggregator):
