@@ -40,6 +40,7 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
     building is a bug and keeps its traceback.
     """
     checked = validate(cfg)
+    checked.method_class.check_aggregator(checked.method, checked.aggregator_name, checked.aggregator_class)
     L.seed_everything(checked.seed, workers=True, verbose=False)
     datamodule = checked.dataset_class(config=checked.dataset, seed=checked.seed)
     datamodule.bag_split = bag_split(checked.strategy)
@@ -50,6 +51,11 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
         raise ConfigError(
             f"aggregator={checked.aggregator_name} takes bags of one magnification; the bags have"
             f" {list(data.magnifications)}: choose one (e.g. dataset.magnifications=[{data.magnifications[-1]}])"
+        )
+    if aggregator_class.multi_level and not data.multi_level:
+        raise ConfigError(
+            f"aggregator={checked.aggregator_name} needs bags of several magnifications; dataset={checked.dataset.name} has"
+            f" {_levels(data.magnifications)}: use dataset=feature_bags with dataset.magnifications=[2.5,10.0] (lowest first)"
         )
     encoder = build_encoder(checked.encoder, data.instance_shape)
     if getattr(encoder, "standardize", False):  # encoder=identity encoder.standardize=true: the training bags' statistics
@@ -71,6 +77,11 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
         sampling=checked.sampling,
     )
     return Experiment(cfg, checked, datamodule, method, Path(output_dir))
+
+
+def _levels(magnifications: tuple) -> str:
+    """How the bags' single level reads in a message."""
+    return f"one ({magnifications[0]:g}x)" if magnifications[0] is not None else "one (no magnification)"
 
 
 @dataclass

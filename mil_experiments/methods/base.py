@@ -130,6 +130,10 @@ class MILMethod(L.LightningModule):
                 f" (method=sampled or abmil_sampl; method={config.name})"
             )
 
+    @classmethod
+    def check_aggregator(cls, config: Config, aggregator_name: str, aggregator_class: type) -> None:
+        """Raise ConfigError naming both when this method cannot train `aggregator=<aggregator_name>` (before any data is built)."""
+
     @staticmethod
     def output_count(config: Config, num_classes: int) -> int:
         """Logits the aggregator must produce: 1 for a binary task with one logit, else the classes."""

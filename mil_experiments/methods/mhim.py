@@ -126,10 +126,15 @@ class MHIM(MILMethod):
             if self.teacher_init is None and self.init_stu_type != "none":
                 raise ConfigError(f"method.init_stu_type={self.init_stu_type} needs method.teacher_init")
 
+    @classmethod
+    def check_aggregator(cls, config: Config, aggregator_name: str, aggregator_class: type) -> None:
+        """MHIM masks by the attention of its three aggregators (and their first fc); any other is refused."""
+        if aggregator_class not in AGGREGATORS:
+            raise ConfigError(f"method=mhim with aggregator={aggregator_name}: MHIM masks instances by the attention of"
+                              f" aggregator={'|'.join(AGGREGATORS.values())} only; choose one of those")
+
     def __init__(self, config: Config, encoder, aggregator, engine, data, sampling=None) -> None:
-        if type(aggregator) not in AGGREGATORS:
-            raise ConfigError(f"method=mhim takes aggregator=abmil_mhim|transmil|dsmil, not {type(aggregator).__name__}"
-                              f" ({type(aggregator).__module__})")
+        self.check_aggregator(config, AGGREGATORS.get(type(aggregator), type(aggregator).__name__), type(aggregator))
         super().__init__(config, encoder, aggregator, engine, data, sampling)
         if config.teacher_init is not None:
             self._initialise_from_stage_one(config)

@@ -1,0 +1,142 @@
+"""One aggregator trained end to end on tiles with ACC next to the full-bag engine.
+
+Two trainings of the same config from the same seed, differing only in the engine:
+`engine=full` (the whole bag forwarded with its graph) and `engine=acc alpha=A` (the bag
+encoded A% at a time, dL/dZ computed once on the full feature matrix, then backpropagated
+chunk by chunk; the random draws of the encoder and the aggregator replayed). ACC is exact,
+so the two per-epoch training-loss curves must agree to float32 rounding, while the memory
+saved for backward drops to about one chunk's encoder activations plus the aggregator's.
+
+Measured per run, from its `metrics.csv`: seconds per training bag (mean over epochs and
+bags, Lightning's loop included), the peak bytes saved for backward in one bag (any device)
+and, on CUDA, `torch.cuda.max_memory_allocated`; the per-epoch training loss of both and
+their relative difference |L_acc - L_full| / L_full.
+
+    PYTHONPATH=. .venv/bin/python scripts/bench_e2e_aggregator.py                     # transmil, synthetic slides, 3 epochs
+    PYTHONPATH=. .venv/bin/python scripts/bench_e2e_aggregator.py --aggregator abmil --epochs 5 dataset=digits_bags
+
+Writes `<out>/e2e_<aggregator>.md` (the table) and `<out>/e2e_<aggregator>.png` (the curves).
+Extra arguments are Hydra overrides given to both runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_overrides(engine: str, alpha: float) -> list[str]:
+    """The engine axis of one of the two runs."""
+    return ["engine=full"] if engine == "full" else ["engine=acc", f"alpha={alpha:g}"]
+
+
+def base_overrides(aggregator: str, epochs: int, seed: int) -> list[str]:
+    """What both runs share: tiles of the synthetic slides through LeNet, the last epoch tested."""
+    return ["dataset=synthetic_wsi", "encoder=lenet", f"aggregator={aggregator}", "method=abmil", "logger=none",
+            f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false", "selection.rule=last",
+            "evaluation.bootstrap=0", "evaluation.confusion_matrix=false", f"seed={seed}"]
+
+
+def read_columns(metrics_csv: Path) -> dict[str, list[float]]:
+    """Every numeric column of a run's metrics.csv, one value per epoch in epoch order."""
+    with metrics_csv.open() as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: int(row["epoch"]))
+    return {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in rows[0]}
+
+
+def train(overrides: list[str], run_dir: Path) -> tuple[dict[str, list[float]], float]:
+    """Train and test one run in-process; its per-epoch metrics and wall seconds."""
+    from mil_experiments.api import compose_config
+    from mil_experiments.run import train_and_test
+
+    start = time.perf_counter()
+    train_and_test(compose_config([*overrides, "overwrite=true"]), run_dir)
+    return read_columns(run_dir / "metrics.csv"), time.perf_counter() - start
+
+
+def relative_difference(acc: list[float], full: list[float]) -> np.ndarray:
+    """|L_acc - L_full| / L_full per epoch."""
+    a, f = np.asarray(acc), np.asarray(full)  # (epochs,) each
+    return np.abs(a - f) / np.abs(f)
+
+
+def table(runs: dict[str, dict[str, list[float]]], seconds: dict[str, float], labels: dict[str, str]) -> str:
+    """Markdown: cost per bag and the loss curve of each run, then their relative difference."""
+    cuda = all("memory/peak_cuda_mb" in m and m["memory/peak_cuda_mb"] for m in runs.values())
+    head = "| engine | s / bag | × full | peak saved MB / bag | × full |" + (" peak CUDA MB |" if cuda else "")
+    epochs = len(runs["full"]["train/loss"])
+    head += "".join(f" loss epoch {e + 1} |" for e in range(epochs)) + " run s |"
+    rows = [head, "|" + "---|" + "---:|" * (head.count("|") - 2)]
+    full_bag, full_mb = np.mean(runs["full"]["time/bag_s"]), max(runs["full"]["memory/peak_saved_mb"])
+    for name, metrics in runs.items():
+        bag, mb = np.mean(metrics["time/bag_s"]), max(metrics["memory/peak_saved_mb"])
+        cells = [labels[name], f"{bag:.3f}", f"{bag / full_bag:.2f}", f"{mb:.1f}", f"{mb / full_mb:.3f}"]
+        if cuda:
+            cells.append(f"{max(metrics['memory/peak_cuda_mb']):.0f}")
+        cells += [f"{loss:.6f}" for loss in metrics["train/loss"]] + [f"{seconds[name]:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    difference = relative_difference(runs["acc"]["train/loss"], runs["full"]["train/loss"])
+    rows.append("")
+    rows.append("|L_acc − L_full| / L_full per epoch: " + ", ".join(f"{d:.1e}" for d in difference))
+    return "\n".join(rows)
+
+
+def plot(path: Path, runs: dict[str, dict[str, list[float]]], labels: dict[str, str], title: str) -> None:
+    """Left: both training-loss curves; right: their relative difference on a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, style in (("full", dict(lw=3, alpha=0.5)), ("acc", dict(ls="--", marker="o"))):
+        losses = runs[name]["train/loss"]
+        left.plot(range(1, len(losses) + 1), losses, label=labels[name], **style)
+    left.set(xlabel="epoch", ylabel="training loss (mean over bags)", title="loss curves")
+    left.legend()
+    difference = relative_difference(runs["acc"]["train/loss"], runs["full"]["train/loss"])
+    right.semilogy(range(1, len(difference) + 1), np.maximum(difference, 1e-17), marker="o")
+    right.axhline(np.finfo(np.float32).eps, color="grey", ls=":", label="float32 epsilon")
+    right.set(xlabel="epoch", ylabel="|L_acc − L_full| / L_full", title="relative difference")
+    right.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--aggregator", default="transmil")
+    parser.add_argument("--alpha", type=float, default=10.0, help="ACC chunk, percent of a bag")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable timings)")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_e2e")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (e.g. dataset=digits_bags)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    labels = {"full": "engine=full", "acc": f"engine=acc alpha={args.alpha:g}"}
+    runs, seconds = {}, {}
+    for name in ("full", "acc"):
+        overrides = [*base_overrides(args.aggregator, args.epochs, args.seed), *args.overrides, *run_overrides(name, args.alpha)]
+        print(f"{name}: {' '.join(overrides)}", flush=True)
+        runs[name], seconds[name] = train(overrides, args.out / "runs" / f"{args.aggregator}_{name}")
+        print(f"{name}: {seconds[name]:.0f} s, losses {runs[name]['train/loss']}", flush=True)
+    text = table(runs, seconds, labels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"e2e_{args.aggregator}.md").write_text(text + "\n")
+    plot(args.out / f"e2e_{args.aggregator}.png", runs, labels, f"aggregator={args.aggregator} end to end on tiles, seed {args.seed}")
+    print(text)
+    print(f"\nwritten: {args.out / f'e2e_{args.aggregator}.md'}, {args.out / f'e2e_{args.aggregator}.png'}")
+
+
+if __name__ == "__main__":
+    main()
