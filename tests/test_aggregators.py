@@ -206,26 +206,36 @@ def test_transmil_exposes_per_layer_per_head_cls_attention_over_the_instances():
 
 
 @pytest.fixture(scope="module")
-def feature_folder(tmp_path_factory):
+def feature_folders(tmp_path_factory):
+    """Tiny feature cohorts: one magnification, and two (for the multi-magnification aggregators)."""
     from tests.test_core_axes import feature_cohort
 
-    root = tmp_path_factory.mktemp("features")
-    feature_cohort(root, classes=2, magnifications=[10.0], slides=12)
-    return root
+    folders = {}
+    for levels, magnifications in ((False, [10.0]), (True, [5.0, 10.0])):
+        folders[levels] = tmp_path_factory.mktemp("features")
+        feature_cohort(folders[levels], classes=2, magnifications=magnifications, slides=12)
+    return folders
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("method", ["method=abmil", "method=abmil_acc", "method=abmil_sampl"])
-def test_every_aggregator_trains_with_every_method_and_engine_from_the_config(name, method, feature_folder, tmp_path):
+METHODS = ["method=abmil", "method=abmil_acc", "method=abmil_sampl", "method=mhim", "method=mhim engine=acc"]
+MHIM_AGGREGATORS = ("abmil_mhim", "dsmil", "transmil")
+
+
+@pytest.mark.parametrize(("name", "method"), [(n, m) for n in NAMES for m in METHODS if n in MHIM_AGGREGATORS or "mhim" not in m])
+def test_every_aggregator_trains_with_every_method_and_engine_that_fit_it(name, method, feature_folders, tmp_path):
+    """Each aggregator on bags of the magnifications it takes; MHIM with the aggregators it masks by (the others are refused: tests/test_config_errors.py)."""
     from mil_experiments.api import compose_config
     from mil_experiments.run import train_and_test
 
-    overrides = ["dataset=feature_bags", f"dataset.root={feature_folder}", "encoder=identity", "logger=none",
+    multi_level = _target_class(OmegaConf.load(Path(__file__).resolve().parent.parent / f"conf/aggregator/{name}.yaml"), "aggregator").multi_level
+    overrides = ["dataset=feature_bags", f"dataset.root={feature_folders[multi_level]}", "encoder=identity", "logger=none",
                  "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "telemetry.count_saved_tensors=false",
-                 f"aggregator={name}", method, *[f"aggregator.{k}={v}" for k, v in SMALL[name].items()]]
-    overrides += ["alpha=50"] if method.endswith("acc") else ["sampling.train=50"] if method.endswith("sampl") else []
+                 f"aggregator={name}", *method.split(), *[f"aggregator.{k}={v}" for k, v in SMALL[name].items()]]
+    overrides += ["alpha=50"] if "acc" in method else ["sampling.train=50"] if method.endswith("sampl") else []
+    overrides += ["method.allow_random_teacher=true"] if method.startswith("method=mhim") else []
     results = train_and_test(compose_config(overrides), tmp_path)
     assert results["aggregator"] == name and 0 <= results["test"]["test/accuracy"] <= 1
+    assert results["engine"]["name"] == ("acc" if "acc" in method else "full")
     assert "train/loss_bag" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
 
 
