@@ -287,3 +287,21 @@ def test_clam_is_xavier_initialised_as_its_published_code_unless_asked():
     assert float(default.fc[0].weight.std()) == pytest.approx((1 / (3 * 500)) ** 0.5, rel=0.05)  # U(±1/√500)
     with pytest.raises(ConfigError, match=r"aggregator.init='he': choose one of"):
         CLAMSB(in_dim=500, n_outputs=1, init="he")
+
+
+@pytest.mark.parametrize(("name", "options", "parameters"), [
+    # attention_a, attention_b (1024 -> 256 each), attention_c (256 -> 1), classifier (1024 -> 1), 2 instance classifiers (1024 -> 2)
+    ("clam_sb", {"input_layer": False, "dropout": 0.0}, 2 * (1024 * 256 + 256) + 257 + 1025 + 2 * (1024 * 2 + 2)),
+    # per tier: tanh attention 1024 -> 128 -> 1 and a classifier 1024 -> 1
+    ("dtfd", {"input_layer": False, "gated": False}, 2 * ((1024 * 128 + 128) + 129 + 1025)),
+])
+def test_options_that_give_torchmils_layers(name, options, parameters):
+    """torchmil's CLAM_SB and DTFDMIL keep no input layer (and DTFDMIL no gate): ours configured so has their size."""
+    node = OmegaConf.merge(OmegaConf.load(Path(__file__).resolve().parent.parent / f"conf/aggregator/{name}.yaml"), options)
+    cls = _target_class(node, "aggregator")
+    model = cls(in_dim=1024, n_outputs=1, **vars(_checked(cls.Config, node, "aggregator", strip=("_target_", "name"))))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert not any(isinstance(m, torch.nn.Linear) and m.out_features == 512 for m in model.modules())
+    output = model.train()(torch.randn(30, 1024), target=torch.tensor(1))
+    output.check(30, 1, name)
+    assert set(output.aux_losses) == ({"instance"} if name == "clam_sb" else {"tier1"})

@@ -15,7 +15,9 @@ positive bags only (the label-0 bag clusters class 0, as CLAM with 2 outputs doe
 
 Initialisation (`init`): `xavier` (default) is CLAM's code as published and used until
 April 2024 (`initialize_weights`: Xavier-normal weights, zero biases); `default` keeps
-PyTorch's, as CLAM's code does since commit d613a3d. It matters: with PyTorch's default
+PyTorch's, as CLAM's code does since commit d613a3d. `input_layer=false` (a deviation,
+for a same-architecture comparison with torchmil's CLAM_SB, which has no such layer)
+drops the fc, so that h_i = x_i and dim = in_dim. It matters: with PyTorch's default
 the four layers between the features and the attention score are each about half as
 large, so at the start the attention is flat (on the synthetic cohort's 10x LeNet
 features the scores within a bag vary by a std of 0.0013, against 0.017 with xavier) and
@@ -57,16 +59,19 @@ class CLAMSB(Aggregator):
         instance_loss: str = "svm"  # svm (CLAM's default) | ce
         subtyping: bool = False
         init: str = "xavier"  # xavier (CLAM's code as published) | default (PyTorch's, CLAM's code since 2024)
+        input_layer: bool = True  # false: no fc in -> dim, attention on the features themselves (torchmil's CLAM_SB)
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, attention_dim: int = 256, dropout: float = 0.25,
                  k_sample: int = 8, bag_weight: float = 0.7, instance_loss: str = "svm", subtyping: bool = False,
-                 init: str = "xavier") -> None:
+                 init: str = "xavier", input_layer: bool = True) -> None:
         super().__init__(in_dim, n_outputs)
         if instance_loss not in INSTANCE_LOSSES:
             raise ConfigError(f"aggregator.instance_loss={instance_loss!r}: choose one of {INSTANCE_LOSSES}")
         if init not in INITS:
             raise ConfigError(f"aggregator.init={init!r}: choose one of {INITS}")
-        self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout))
+        if not input_layer:
+            dim = in_dim
+        self.fc = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout)) if input_layer else nn.Identity()
         self.attention_a = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Dropout(dropout))
         self.attention_b = nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout))
         self.attention_c = nn.Linear(attention_dim, 1)

@@ -10,6 +10,10 @@ gated attention over {f_g} pools them into the bag embedding, classified by W_2.
 
 as the official code's two backward passes sum into the tier-1 gradients. Instance scores:
 an instance's tier-1 attention inside its pseudo-bag times its pseudo-bag's tier-2 weight.
+
+Deviations for a same-architecture comparison with torchmil's DTFDMIL (which keeps neither):
+`input_layer=false` drops the reduction (f_g pools the features themselves, dim = in_dim),
+`gated=false` drops the sigmoid gate of both attentions.
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ from mil_experiments.models.aggregator import Aggregator, AggregatorOutput, bag_
 
 
 class GatedAttention(nn.Module):
-    """a_i = w^T (tanh(V h_i) ⊙ sigmoid(U h_i)); returns softmax(a) over the rows."""
+    """a_i = w^T (tanh(V h_i) ⊙ sigmoid(U h_i)), or w^T tanh(V h_i) when not `gated`; returns softmax(a) over the rows."""
 
-    def __init__(self, dim: int, attention_dim: int) -> None:
+    def __init__(self, dim: int, attention_dim: int, gated: bool = True) -> None:
         super().__init__()
         self.v = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh())
-        self.u = nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid())
+        self.u = nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid()) if gated else None
         self.w = nn.Linear(attention_dim, 1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.w(self.v(hidden) * self.u(hidden)).squeeze(-1), dim=0)  # (n,)
+        gate = self.v(hidden) if self.u is None else self.v(hidden) * self.u(hidden)  # (n, attention_dim)
+        return torch.softmax(self.w(gate).squeeze(-1), dim=0)  # (n,)
 
 
 class DTFD(Aggregator):
@@ -44,13 +49,18 @@ class DTFD(Aggregator):
         attention_dim: int = 128
         pseudo_bags: int = 5
         dropout: float = 0.0
+        input_layer: bool = True  # false: no reduction in -> dim (torchmil's DTFDMIL)
+        gated: bool = True  # false: tanh attention without the sigmoid gate (torchmil's DTFDMIL)
 
-    def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, attention_dim: int = 128, pseudo_bags: int = 5, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, n_outputs: int, dim: int = 512, attention_dim: int = 128, pseudo_bags: int = 5, dropout: float = 0.0,
+                 input_layer: bool = True, gated: bool = True) -> None:
         super().__init__(in_dim, n_outputs)
-        self.reduce = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout))
-        self.tier1_attention = GatedAttention(dim, attention_dim)
+        if not input_layer:
+            dim = in_dim
+        self.reduce = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout)) if input_layer else nn.Identity()
+        self.tier1_attention = GatedAttention(dim, attention_dim, gated)
         self.tier1_classifier = nn.Linear(dim, n_outputs)
-        self.tier2_attention = GatedAttention(dim, attention_dim)
+        self.tier2_attention = GatedAttention(dim, attention_dim, gated)
         self.tier2_classifier = nn.Linear(dim, n_outputs)
         self.pseudo_bags = pseudo_bags
 
