@@ -105,8 +105,8 @@ def cost_table(repeats: int, names: tuple[str, ...] = NAMES, in_dim: int = 1024)
         builders = [("mil_experiments", ours, our_step)]
         if name in SAME_AS_TORCHMIL:
             same = SAME_AS_TORCHMIL[name]
-            label = "mil_experiments (" + ", ".join(f"{k}={str(v).lower()}" for k, v in same.items()) + ")"
-            builders.append((label, lambda n, d, same=same: ours(n, d, **same), our_step))
+            implementation = "mil_experiments (" + ", ".join(f"{k}={str(v).lower()}" for k, v in same.items()) + ")"
+            builders.append((implementation, lambda n, d, same=same: ours(n, d, **same), our_step))
         if name in TORCHMIL and HAVE_TORCHMIL:
             builders.append(("torchmil", theirs, their_step))
         for implementation, build, make_step in builders:

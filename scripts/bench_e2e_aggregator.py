@@ -8,14 +8,18 @@ so the two per-epoch training-loss curves must agree to float32 rounding, while 
 saved for backward drops to about one chunk's encoder activations plus the aggregator's.
 
 Measured per run, from its `metrics.csv`: seconds per training bag (mean over epochs and
-bags, Lightning's loop included), the peak bytes saved for backward in one bag (any device)
+bags, Lightning's loop included; the first epoch, a warm-up that fills the tile cache, is
+left out when there are more), the peak bytes saved for backward in one bag (any device)
 and, on CUDA, `torch.cuda.max_memory_allocated`; the per-epoch training loss of both and
 their relative difference |L_acc - L_full| / L_full.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_e2e_aggregator.py                     # transmil, synthetic slides, 3 epochs
     PYTHONPATH=. .venv/bin/python scripts/bench_e2e_aggregator.py --aggregator abmil --epochs 5 dataset=digits_bags
 
-Writes `<out>/e2e_<aggregator>.md` (the table) and `<out>/e2e_<aggregator>.png` (the curves).
+Writes `<out>/e2e_<aggregator>.md` (the table) and `<out>/e2e_<aggregator>.png` (the curves);
+`--reuse` redraws from runs already complete with the same config. `trainer.precision=64-true`
+as an override gives the float64 control (what remains between the curves is then not float32
+rounding amplified by training).
 Extra arguments are Hydra overrides given to both runs.
 """
 
@@ -51,14 +55,31 @@ def read_columns(metrics_csv: Path) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in rows[0]}
 
 
-def train(overrides: list[str], run_dir: Path) -> tuple[dict[str, list[float]], float]:
-    """Train and test one run in-process; its per-epoch metrics and wall seconds."""
+def train(overrides: list[str], run_dir: Path, reuse: bool) -> tuple[dict[str, list[float]], float | None]:
+    """Train and test one run in-process; its per-epoch metrics and wall seconds (None when reused).
+
+    With `reuse`, a run folder that already holds every epoch of exactly this config is read instead.
+    """
+    from omegaconf import OmegaConf
+
     from mil_experiments.api import compose_config
     from mil_experiments.run import train_and_test
 
+    cfg = compose_config([*overrides, "overwrite=true"])
+    metrics, saved = run_dir / "metrics.csv", run_dir / "config.yaml"
+    if reuse and metrics.exists() and saved.exists() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True):
+        columns = read_columns(metrics)
+        if len(columns["train/loss"]) == int(cfg.trainer.max_epochs):
+            return columns, None
     start = time.perf_counter()
-    train_and_test(compose_config([*overrides, "overwrite=true"]), run_dir)
-    return read_columns(run_dir / "metrics.csv"), time.perf_counter() - start
+    train_and_test(cfg, run_dir)
+    return read_columns(metrics), time.perf_counter() - start
+
+
+def per_bag(metrics: dict[str, list[float]], key: str) -> float:
+    """Mean over epochs of a per-epoch value, leaving out the first (warm-up: tile cache, allocator) when there are more."""
+    values = metrics[key]
+    return float(np.mean(values[1:] if len(values) > 1 else values))
 
 
 def relative_difference(acc: list[float], full: list[float]) -> np.ndarray:
@@ -74,13 +95,13 @@ def table(runs: dict[str, dict[str, list[float]]], seconds: dict[str, float], la
     epochs = len(runs["full"]["train/loss"])
     head += "".join(f" loss epoch {e + 1} |" for e in range(epochs)) + " run s |"
     rows = [head, "|" + "---|" + "---:|" * (head.count("|") - 2)]
-    full_bag, full_mb = np.mean(runs["full"]["time/bag_s"]), max(runs["full"]["memory/peak_saved_mb"])
+    full_bag, full_mb = per_bag(runs["full"], "time/bag_s"), max(runs["full"]["memory/peak_saved_mb"])
     for name, metrics in runs.items():
-        bag, mb = np.mean(metrics["time/bag_s"]), max(metrics["memory/peak_saved_mb"])
+        bag, mb = per_bag(metrics, "time/bag_s"), max(metrics["memory/peak_saved_mb"])
         cells = [labels[name], f"{bag:.3f}", f"{bag / full_bag:.2f}", f"{mb:.1f}", f"{mb / full_mb:.3f}"]
         if cuda:
             cells.append(f"{max(metrics['memory/peak_cuda_mb']):.0f}")
-        cells += [f"{loss:.6f}" for loss in metrics["train/loss"]] + [f"{seconds[name]:.0f}"]
+        cells += [f"{loss:.6f}" for loss in metrics["train/loss"]] + ["reused" if seconds[name] is None else f"{seconds[name]:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     difference = relative_difference(runs["acc"]["train/loss"], runs["full"]["train/loss"])
     rows.append("")
@@ -94,12 +115,15 @@ def plot(path: Path, runs: dict[str, dict[str, list[float]]], labels: dict[str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, style in (("full", dict(lw=3, alpha=0.5)), ("acc", dict(ls="--", marker="o"))):
         losses = runs[name]["train/loss"]
         left.plot(range(1, len(losses) + 1), losses, label=labels[name], **style)
     left.set(xlabel="epoch", ylabel="training loss (mean over bags)", title="loss curves")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.legend()
     difference = relative_difference(runs["acc"]["train/loss"], runs["full"]["train/loss"])
     right.semilogy(range(1, len(difference) + 1), np.maximum(difference, 1e-17), marker="o")
@@ -120,6 +144,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable timings)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_e2e")
+    parser.add_argument("--reuse", action="store_true", help="read a run already complete with the same config instead of training it")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (e.g. dataset=digits_bags)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,8 +153,8 @@ def main() -> None:
     for name in ("full", "acc"):
         overrides = [*base_overrides(args.aggregator, args.epochs, args.seed), *args.overrides, *run_overrides(name, args.alpha)]
         print(f"{name}: {' '.join(overrides)}", flush=True)
-        runs[name], seconds[name] = train(overrides, args.out / "runs" / f"{args.aggregator}_{name}")
-        print(f"{name}: {seconds[name]:.0f} s, losses {runs[name]['train/loss']}", flush=True)
+        runs[name], seconds[name] = train(overrides, args.out / "runs" / f"{args.aggregator}_{name}", args.reuse)
+        print(f"{name}: {'reused' if seconds[name] is None else f'{seconds[name]:.0f} s'}, losses {runs[name]['train/loss']}", flush=True)
     text = table(runs, seconds, labels)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"e2e_{args.aggregator}.md").write_text(text + "\n")

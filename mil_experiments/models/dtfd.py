@@ -74,8 +74,9 @@ class DTFD(Aggregator):
         groups = self.split(features.shape[0], features.device)
         pooled, tier1_logits, inner = [], [], []
         for rows in groups:
-            weights = self.tier1_attention(hidden[rows])  # (n_g,)
-            feature = weights @ hidden[rows]  # (dim,)
+            group = hidden[rows]  # (n_g, dim): gathered once, so that one copy is saved for backward, not two
+            weights = self.tier1_attention(group)  # (n_g,)
+            feature = weights @ group  # (dim,)
             pooled.append(feature)
             tier1_logits.append(self.tier1_classifier(feature))  # (C,)
             inner.append(weights)
