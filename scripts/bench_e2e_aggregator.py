@@ -14,7 +14,7 @@ and, on CUDA, `torch.cuda.max_memory_allocated`; the per-epoch training loss of 
 their relative difference |L_acc - L_full| / L_full.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_e2e_aggregator.py                     # transmil, synthetic slides, 3 epochs
-    PYTHONPATH=. .venv/bin/python scripts/bench_e2e_aggregator.py --aggregator abmil --epochs 5 dataset=digits_bags
+    PYTHONPATH=. .venv/bin/python scripts/bench_e2e_aggregator.py --aggregator abmil --dataset digits_bags --epochs 5
 
 Writes `<out>/e2e_<aggregator>.md` (the table) and `<out>/e2e_<aggregator>.png` (the curves);
 `--reuse` redraws from runs already complete with the same config. `trainer.precision=64-true`
@@ -41,9 +41,9 @@ def run_overrides(engine: str, alpha: float) -> list[str]:
     return ["engine=full"] if engine == "full" else ["engine=acc", f"alpha={alpha:g}"]
 
 
-def base_overrides(aggregator: str, epochs: int, seed: int) -> list[str]:
-    """What both runs share: tiles of the synthetic slides through LeNet, the last epoch tested."""
-    return ["dataset=synthetic_wsi", "encoder=lenet", f"aggregator={aggregator}", "method=abmil", "logger=none",
+def base_overrides(dataset: str, aggregator: str, epochs: int, seed: int) -> list[str]:
+    """What both runs share: image instances (tiles) through LeNet, the last epoch tested."""
+    return [f"dataset={dataset}", "encoder=lenet", f"aggregator={aggregator}", "method=abmil", "logger=none",
             f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false", "selection.rule=last",
             "evaluation.bootstrap=0", "evaluation.confusion_matrix=false", f"seed={seed}"]
 
@@ -136,22 +136,23 @@ def plot(path: Path, runs: dict[str, dict[str, list[float]]], labels: dict[str, 
     plt.close(figure)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--aggregator", default="transmil")
+    parser.add_argument("--dataset", default="synthetic_wsi", help="a dataset of image bags: synthetic_wsi (tiles), digits_bags, ...")
     parser.add_argument("--alpha", type=float, default=10.0, help="ACC chunk, percent of a bag")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable timings)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_e2e")
     parser.add_argument("--reuse", action="store_true", help="read a run already complete with the same config instead of training it")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (e.g. dataset=digits_bags)")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (e.g. dataset.magnification=5.0)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     labels = {"full": "engine=full", "acc": f"engine=acc alpha={args.alpha:g}"}
     runs, seconds = {}, {}
     for name in ("full", "acc"):
-        overrides = [*base_overrides(args.aggregator, args.epochs, args.seed), *args.overrides, *run_overrides(name, args.alpha)]
+        overrides = [*base_overrides(args.dataset, args.aggregator, args.epochs, args.seed), *args.overrides, *run_overrides(name, args.alpha)]
         print(f"{name}: {' '.join(overrides)}", flush=True)
         runs[name], seconds[name] = train(overrides, args.out / "runs" / f"{args.aggregator}_{name}", args.reuse)
         print(f"{name}: {'reused' if seconds[name] is None else f'{seconds[name]:.0f} s'}, losses {runs[name]['train/loss']}", flush=True)
