@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mil_experiments.models.abmil_mhim import xavier_init as initialise_xavier
 from mil_experiments.models.aggregator import Aggregator, AggregatorOutput
+from mil_experiments.models.initialization import xavier_init as initialise_xavier
 
 
 def moore_penrose_pinv(x: torch.Tensor, iterations: int = 6) -> torch.Tensor:
