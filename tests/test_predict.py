@@ -241,3 +241,20 @@ def test_bad_checkpoint_or_slides_folder_is_one_line_naming_it(cohort, tmp_path,
     assert main([f"checkpoint={broken}", f"slides={cohort / 'slides'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: checkpoint={broken}: cannot be read as a run checkpoint")
+
+
+def test_a_run_on_standardized_features_is_standardized_on_raw_slides_too(cohort, tmp_path):
+    checkpoint = feature_run(cohort, tmp_path / "run", ["aggregator=abmil", "dataset.magnifications=[20.0]", "encoder.standardize=true"])
+    state = torch.load(checkpoint, weights_only=False)
+    state["state_dict"]["encoder.mean"] = torch.linspace(-0.5, 0.5, 16)  # statistics as training would leave them
+    state["state_dict"]["encoder.std"] = torch.linspace(0.5, 2.0, 16)
+    torch.save(state, checkpoint)
+    model = load_trained_model(checkpoint)
+    features = read_feature_file(cohort / "features" / "slide_001.h5", [20.0])
+    bag = slide_to_bag("slide_001", 0, features, 0.5)
+    with torch.no_grad():
+        expected = model.method.predict(model.method.encode_for_evaluation(bag))  # (x - mean) / std, then the aggregator
+        raw = model.method.predict(bag)
+    result = predict_slide(model, cohort / "slides" / "slide_001.tiff")
+    torch.testing.assert_close(result.output.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected.logits, raw.logits)

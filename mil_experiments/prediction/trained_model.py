@@ -178,7 +178,8 @@ def build_for_slides(cfg: DictConfig, run_dir: Path, device: str = "cpu", batch_
     method.to(torch_device).eval()
     if on_features:
         extraction = TileEncoder(tile_encoder, encoder_config.input_size, torch_device)
-        encode = TileEncoding(lambda tiles: torch.from_numpy(extraction(tiles)).to(torch_device), batch_size, source)
+        # the run's own encoder=identity after the extraction encoder: its standardization (encoder.standardize=true) applies
+        encode = TileEncoding(lambda tiles: method.encoder(torch.from_numpy(extraction(tiles)).to(torch_device)), batch_size, source)
     else:
         encode = TileEncoding(_end_to_end_encoder(method, checked.dataset, torch_device), batch_size, source)
     declared = getattr(checked.dataset, "classes", None)
