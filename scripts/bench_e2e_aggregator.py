@@ -148,7 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", action="store_true", help="read a run already complete with the same config instead of training it")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs (e.g. dataset.magnification=5.0)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        run_both(args)
+    finally:
+        torch.set_num_threads(threads)  # process-wide: give it back (a caller's later runs sum floats with its own threads)
+
+
+def run_both(args: argparse.Namespace) -> None:
+    """Train both engines, then write the table and the figure."""
     labels = {"full": "engine=full", "acc": f"engine=acc alpha={args.alpha:g}"}
     runs, seconds = {}, {}
     for name in ("full", "acc"):
