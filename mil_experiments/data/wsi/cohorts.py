@@ -49,6 +49,7 @@ from mil_experiments.data.wsi.synthetic import (
     _sheet_points,
     _smooth_noise,
     _tissue_field,
+    lymphoid_aggregates,
     run_slide_jobs,
     slide_rng,
     stroma_shade,
@@ -297,11 +298,7 @@ def generate_lesion_slide(rng: np.random.Generator, presentation: Presentation, 
             region = (canvas > 0) & tissue & (kinds == 0)
         kinds[region] = k + 1
     lesion_mask = kinds > 0  # (h, w)
-    lymphoid = np.zeros((h, w), dtype=np.uint8)
-    for _ in range(int(rng.integers(s.lymphoid_aggregates[0], s.lymphoid_aggregates[1] + 1))):
-        y, x = tissue_points[rng.integers(len(tissue_points))]
-        _draw_blob(lymphoid, rng, (x, y), rng.uniform(*s.lymphoid_radius))
-    lymphoid_mask = (lymphoid > 0) & tissue & ~lesion_mask
+    lymphoid_mask = lymphoid_aggregates(rng, s, tissue, tissue_points) & ~lesion_mask  # (h, w)
     normal_area = tissue & ~lesion_mask & ~lymphoid_mask
 
     # --- nuclei: normal and lymphoid on one canvas, each lesion kind on its own ---------------

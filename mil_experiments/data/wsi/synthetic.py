@@ -229,6 +229,15 @@ def stroma_shade(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return cv2.resize(1.0 - np.clip(fibres, -0.3, 0.3), (w, h), interpolation=cv2.INTER_LINEAR)  # (h, w)
 
 
+def lymphoid_aggregates(rng: np.random.Generator, cfg: SyntheticSlideConfig, tissue: np.ndarray, tissue_points: np.ndarray) -> np.ndarray:
+    """(h, w) bool mask of the slide's lymphoid aggregates: blobs centred on `tissue_points` ((P, 2) y, x), inside the tissue."""
+    lymphoid = np.zeros(tissue.shape, dtype=np.uint8)
+    for _ in range(int(rng.integers(cfg.lymphoid_aggregates[0], cfg.lymphoid_aggregates[1] + 1))):
+        y, x = tissue_points[rng.integers(len(tissue_points))]
+        _draw_blob(lymphoid, rng, (x, y), rng.uniform(*cfg.lymphoid_radius))
+    return (lymphoid > 0) & tissue
+
+
 def generate_slide(rng: np.random.Generator, positive: bool, cfg: SyntheticSlideConfig) -> SyntheticSlide:
     """Draw one slide (level 0 only) and its tumour mask."""
     h, w = cfg.height, cfg.width
@@ -254,11 +263,7 @@ def generate_slide(rng: np.random.Generator, positive: bool, cfg: SyntheticSlide
             _draw_blob(tumour, rng, (x, y), radius)
             regions.append({"x": int(x), "y": int(y), "radius": float(radius), "kind": "small" if small else "large"})
     tumour_mask = (tumour > 0) & tissue  # (h, w)
-    lymphoid = np.zeros((h, w), dtype=np.uint8)
-    for _ in range(int(rng.integers(cfg.lymphoid_aggregates[0], cfg.lymphoid_aggregates[1] + 1))):
-        y, x = tissue_points[rng.integers(len(tissue_points))]
-        _draw_blob(lymphoid, rng, (x, y), rng.uniform(*cfg.lymphoid_radius))
-    lymphoid_mask = (lymphoid > 0) & tissue & ~tumour_mask
+    lymphoid_mask = lymphoid_aggregates(rng, cfg, tissue, tissue_points) & ~tumour_mask  # (h, w)
 
     # --- nuclei density: uint8 canvases, 0 = none, 255 = opaque --------------------------
     normal_area = tissue & ~tumour_mask & ~lymphoid_mask
