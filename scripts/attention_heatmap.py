@@ -75,26 +75,16 @@ def draw(slide_path: Path, mask_path: Path | None, reader: str, attention: np.nd
     """Thumbnail | thumbnail with attention | ground-truth mask, saved as a PNG."""
     with open_slide(slide_path, reader) as slide:
         thumb = slide.thumbnail(downsample)  # (h, w, 3)
-    tile = _tile_pixels(coords)  # level-0 pixels
-    heat = np.full(thumb.shape[:2], np.nan, dtype=np.float32)
+    from mil_experiments.prediction.heatmap import overlay_heat, percentile_map
+
     # percentile of each tile's attention within the slide (CLAM's heatmaps do the same)
-    scaled = np.argsort(np.argsort(attention)) / max(len(attention) - 1, 1)
-    for (x, y), value in zip(coords, scaled, strict=True):
-        x0, y0 = int(x / downsample), int(y / downsample)
-        x1, y1 = int(np.ceil((x + tile) / downsample)), int(np.ceil((y + tile) / downsample))
-        heat[y0:y1, x0:x1] = value
+    heat = percentile_map(thumb.shape[:2], coords, attention, _tile_pixels(coords), downsample)  # (h, w)
     panels = 3 if mask_path is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4))
     axes[0].imshow(thumb)
     axes[0].set_title("slide")
-    axes[1].imshow(thumb)
-    # colour and opacity both grow with attention, so low-attention tissue stays visible
-    colours = plt.get_cmap("inferno")(np.nan_to_num(heat))  # (h, w, 4)
-    colours[..., 3] = np.where(np.isnan(heat), 0.0, 0.25 + 0.7 * np.nan_to_num(heat))
-    axes[1].imshow(colours)
-    shown = plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, 1))
+    overlay_heat(fig, axes[1], thumb, heat)
     axes[1].set_title(f"attention percentile, {magnification:g}x tiles")
-    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
     if mask_path is not None:
         mask = read_tumour_mask(mask_path)
         axes[2].imshow(thumb)

@@ -27,26 +27,39 @@ def percentiles(values: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(values)) / max(len(values) - 1, 1)
 
 
+def percentile_map(shape: tuple[int, int], coords: np.ndarray, scores: np.ndarray, size_level0: float, downsample: float) -> np.ndarray:
+    """(h, w) map of each tile's score percentile over a thumbnail `downsample` times smaller than level 0; NaN off the tiles."""
+    heat = np.full(shape, np.nan, dtype=np.float32)  # (h, w)
+    for (x, y), value in zip(coords, percentiles(scores), strict=True):
+        x0, y0 = int(x / downsample), int(y / downsample)
+        x1, y1 = int(np.ceil((x + size_level0) / downsample)), int(np.ceil((y + size_level0) / downsample))
+        heat[y0:y1, x0:x1] = value
+    return heat
+
+
+def overlay_heat(fig, ax, thumb: np.ndarray, heat: np.ndarray) -> None:
+    """The thumbnail with `heat` over it; colour and opacity both grow with it, so low-attention tissue stays visible."""
+    ax.imshow(thumb)
+    colours = plt.get_cmap("inferno")(np.nan_to_num(heat))  # (h, w, 4)
+    colours[..., 3] = np.where(np.isnan(heat), 0.0, 0.25 + 0.7 * np.nan_to_num(heat))
+    ax.imshow(colours)
+    fig.colorbar(plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, 1)), ax=ax, fraction=0.046, pad=0.02)
+
+
 def draw_heatmap(slide_path: Path, reader: str, levels: list[LevelView], title: str, out: Path, thumbnail_size: int = 512) -> Path:
     """Write the PNG at `out`; the thumbnail's longest side is about `thumbnail_size` pixels."""
     with open_slide(slide_path, reader) as slide:
         downsample = max(1.0, max(slide.dimensions) / thumbnail_size)
         thumb = slide.thumbnail(downsample)  # (h, w, 3)
-    heat = np.full(thumb.shape[:2], np.nan, dtype=np.float32)  # (h, w)
     base = levels[0]
     if base.scores is not None and len(base.scores):
-        for (x, y), value in zip(base.coords, percentiles(base.scores), strict=True):
-            x0, y0 = int(x / downsample), int(y / downsample)
-            x1, y1 = int(np.ceil((x + base.size_level0) / downsample)), int(np.ceil((y + base.size_level0) / downsample))
-            heat[y0:y1, x0:x1] = value
+        heat = percentile_map(thumb.shape[:2], base.coords, base.scores, base.size_level0, downsample)  # (h, w)
+    else:
+        heat = np.full(thumb.shape[:2], np.nan, dtype=np.float32)  # (h, w)
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.6))
     axes[0].imshow(thumb)
     axes[0].set_title("slide")
-    axes[1].imshow(thumb)
-    colours = plt.get_cmap("inferno")(np.nan_to_num(heat))  # (h, w, 4)
-    colours[..., 3] = np.where(np.isnan(heat), 0.0, 0.25 + 0.7 * np.nan_to_num(heat))
-    axes[1].imshow(colours)
-    fig.colorbar(plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, 1)), ax=axes[1], fraction=0.046, pad=0.02)
+    overlay_heat(fig, axes[1], thumb, heat)
     legend = []
     for i, view in enumerate(v for v in levels if len(v.zoomed)):
         colour = OUTLINE_COLOURS[i % len(OUTLINE_COLOURS)]
