@@ -52,7 +52,8 @@ def external_environment():
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -104,7 +105,7 @@ def spawn_ranks(cfg: DictConfig, output_dir: Path, world: int, resume: bool, sta
     from torch.multiprocessing.spawn import ProcessException
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # the parent's values (${now:...} and all)
-    port = master_port or _free_port()
+    port = master_port or free_port()
     with tempfile.TemporaryDirectory(prefix="mil_experiments_ranks_") as outcomes:
         context = mp.start_processes(
             _rank_main,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from mil_experiments.engine import AccumulationEngine, FullBagEngine, HeadResult
 from mil_experiments.engine.distributed import TileParallelEngine
+from mil_experiments.launch import free_port
 from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.aggregator import bag_loss
 from mil_experiments.models.encoders import LeNetEncoder
@@ -141,11 +141,6 @@ def _single(args) -> dict:
     return {f"alpha={alpha:g}": _time_bag(_engines(alpha), args.tiles, args.repeats) for alpha in args.alphas}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,7 +159,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     single = _single(args)
     path = args.out / "ranks.json"
-    mp.spawn(_worker, args=(args.ranks, _free_port(), args, str(path)), nprocs=args.ranks, join=True)
+    mp.spawn(_worker, args=(args.ranks, free_port(), args, str(path)), nprocs=args.ranks, join=True)
     report = json.loads(path.read_text())
     if report["scaling"]:
         write_scaling(single, report["scaling"], args)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import socket
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from mil_experiments.engine import FullBagEngine, HeadResult
 from mil_experiments.engine.distributed import TileParallelEngine
+from mil_experiments.launch import free_port
 from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.aggregator import bag_loss
 from mil_experiments.telemetry import SavedTensorMeter
@@ -100,11 +100,6 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +117,7 @@ def main() -> None:
     rows = []
     for world in [int(r) for r in args.ranks.split(",")]:
         path = args.out / f"ranks{world}.json"
-        mp.spawn(_worker, args=(world, _free_port(), args, str(path)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), args, str(path)), nprocs=world, join=True)
         rows += json.loads(path.read_text())
     write_outputs(rows, args)
 

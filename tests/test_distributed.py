@@ -9,7 +9,6 @@ the decomposition rather than float32 summation order.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from mil_experiments.engine import AccumulationEngine, FullBagEngine, HeadResult
 from mil_experiments.engine.distributed import DataParallelEngine, TileParallelEngine, shard_indices
+from mil_experiments.launch import free_port
 from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.aggregator import bag_loss
 from mil_experiments.models.instance_pooling import MaxMIL
@@ -139,16 +139,11 @@ def _worker(rank: int, port: int, path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     path = tmp_path_factory.mktemp("dist") / "report.json"
-    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(path)), nprocs=WORLD, join=True)
     return json.loads(path.read_text())
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,11 +49,11 @@ from mil_experiments.data.wsi.synthetic import (
     _smooth_noise,
     _tissue_field,
     lymphoid_aggregates,
-    run_slide_jobs,
     slide_rng,
     stroma_shade,
     write_csv,
     write_pyramidal_tiff,
+    write_slides,
 )
 from mil_experiments.errors import ConfigError
 
@@ -377,14 +376,8 @@ def make_benchmark_cohort(root: str | Path, cfg: BenchmarkCohortConfig, progress
     from mil_experiments import __version__
 
     root = Path(root)
-    (root / "slides").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
     plan = cohort_plan(cfg)
-    start = time.perf_counter()
-    facts = run_slide_jobs(_make_one, [(str(root), entry, cfg) for entry in plan], cfg.num_workers, f"{cfg.name}: slides" if progress else None)
-    seconds = time.perf_counter() - start
-    write_csv(root / "labels.csv", ["slide_id", "label"], [[e["slide_id"], e["label"]] for e in plan])
-    write_csv(root / "splits.csv", ["slide_id", "split"], [[e["slide_id"], e["split"]] for e in plan])
+    facts, seconds = write_slides(root, plan, _make_one, cfg, f"{cfg.name}: slides" if progress else None)
     share_keys = [f"{k.name}_share" for k in cfg.kinds]
     columns = ["slide_id", "label", "class", "presentation", "split", "lesion_share", *share_keys]
     write_csv(root / "slides.csv", columns, [[f[c] if not isinstance(f[c], float) else f"{f[c]:.5f}" for c in columns] for f in facts])

@@ -442,14 +442,8 @@ def make_cohort(root: str | Path, cfg: CohortConfig) -> dict:
     from mil_experiments import __version__
 
     root = Path(root)
-    (root / "slides").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
     plan = cohort_plan(cfg)
-    start = time.perf_counter()
-    facts = run_slide_jobs(_make_one, [(str(root), entry, cfg) for entry in plan], cfg.num_workers)
-    seconds = time.perf_counter() - start
-    write_csv(root / "labels.csv", ["slide_id", "label"], [[e["slide_id"], e["label"]] for e in plan])
-    write_csv(root / "splits.csv", ["slide_id", "split"], [[e["slide_id"], e["split"]] for e in plan])
+    facts, seconds = write_slides(root, plan, _make_one, cfg)
     summary = {
         "version": __version__,
         "config": asdict(cfg),
@@ -460,6 +454,19 @@ def make_cohort(root: str | Path, cfg: CohortConfig) -> dict:
     }
     (root / "cohort.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def write_slides(root: Path, plan: list[dict], make_one, cfg, description: str | None = None) -> tuple[list[dict], float]:
+    """Every slide of `plan` written by `make_one((root, entry, cfg))` (in `cfg.num_workers` processes),
+    then `labels.csv` and `splits.csv`; returns the per-slide facts and the seconds the slides took."""
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    facts = run_slide_jobs(make_one, [(str(root), entry, cfg) for entry in plan], cfg.num_workers, description)
+    seconds = time.perf_counter() - start
+    write_csv(root / "labels.csv", ["slide_id", "label"], [[e["slide_id"], e["label"]] for e in plan])
+    write_csv(root / "splits.csv", ["slide_id", "split"], [[e["slide_id"], e["split"]] for e in plan])
+    return facts, seconds
 
 
 def run_slide_jobs(make_one, jobs: list, num_workers: int, description: str | None = None) -> list[dict]:
