@@ -1,0 +1,305 @@
+"""ZoomMIL's Tables 1, 2 and 4 and Figure 3 at reduced scale, on the generated cohorts.
+
+    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 1 --seeds 1,2,3
+    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort c16_like --table 2 --seeds 1,2,3
+    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 4 --seeds 1,2,3
+    ... [--methods abmil,zoommil] [--out outputs/zoommil_tables] [--predict-limit 12] [trainer.max_epochs=2 ...]
+
+Tables 1 / 2 compare the single-magnification baselines, MSMIL on every magnification,
+ZoomMIL-EFF and ZoomMIL, all under ZoomMIL's training protocol (experiment=zoommil_protocol
+and the cohort's zoommil presets; c16_like selects on validation loss, as the paper does for
+CAMELYON16); Table 4 is the ablations of ZoomMIL (the full model is the reference row).
+Every (method, seed) is one in-process training run in `<out>/<cohort>/table<k>/<method>/seed<k>/`;
+a run whose results.json exists is reused, so an interrupted sweep resumes. The compute per
+slide (tiles encoded, TFLOPs, seconds on 1 CPU thread) is measured once per method, on the
+first seed's model, by the raw-slide prediction command (`mil_experiments.predict`) on the
+first `--predict-limit` slides of the cohort (`<method>/predict/summary.json`, reused too).
+Writes `table.md` and `table.csv` (one row per method, mean ± std over seeds) and, for
+Tables 1 / 2, `figure3.png` (slides per hour vs test accuracy, with the efficiency frontier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mil_experiments.errors import ConfigError, DataError  # noqa: E402
+from mil_experiments.summaries import summarise, test_metrics_of  # noqa: E402
+
+# every run: ZoomMIL's protocol without the extras that only cost time here
+COMMON = ["logger=none", "trainer.enable_progress_bar=false", "evaluation.bootstrap=0", "telemetry.count_saved_tensors=false"]
+METRICS = (("f1_weighted", "weighted F1"), ("accuracy", "accuracy"), ("kappa_quadratic", "quadratic kappa"), ("auc", "AUC"))
+BASELINES = {"maxmil": "Max-MIL", "meanmil": "Mean-MIL", "abmil": "ABMIL", "clam_sb": "CLAM-SB", "transmil": "TransMIL", "dsmil": "DSMIL"}
+ABLATIONS = {  # Table 4: method -> (override on the full ZoomMIL preset, the paper's row)
+    "zoommil": (None, "ZoomMIL (full)"),
+    "nondiff_topk": ("aggregator.selection=hard", "NONDIFF-TOPK"),
+    "random_k_lowest": ("aggregator.selection=random_low", "RANDOM K @ lowest"),
+    "random_4k_next": ("aggregator.selection=random_next", "RANDOM 4K @ next"),
+    "single_attention": ("aggregator.dual_attention=false", "single attention (no DGA)"),
+    "highest_only": ("aggregator.highest_only=true", "highest magnification only"),
+    "concat_fusion": ("aggregator.fusion=concat", "concatenation instead of sum"),
+}
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A generated cohort: its preset name (bright_like | c16_like), root folder and magnifications."""
+
+    name: str
+    root: Path
+    magnifications: tuple[float, ...]
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features" / "lenet"
+
+    @property
+    def short(self) -> str:
+        """The suffix of the cohort's zoommil presets: bright | c16."""
+        return self.name.removesuffix("_like")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a table: its name, the paper's row it stands for, and the overrides that train it."""
+
+    name: str
+    paper_row: str
+    magnifications: str
+    overrides: tuple[str, ...]
+
+
+def find_cohort(value: str) -> Cohort:
+    """`bright_like` / `c16_like` (data/cohorts/<name>) or a cohort root; refuses one without features."""
+    root = Path(value) if ("/" in value or Path(value).is_dir()) else REPO / "data" / "cohorts" / value
+    features = root / "features" / "lenet"
+    if not features.is_dir() or not any(features.glob("*.h5")):
+        raise DataError(f"--cohort {value}: no feature files in {features} (make them with: python scripts/make_cohorts.py <bright_like|c16_like>)")
+    info = root / "cohort.json"
+    name = json.loads(info.read_text())["config"]["name"] if info.is_file() else root.name
+    if name not in ("bright_like", "c16_like"):
+        raise ConfigError(f"--cohort {value}: cohort {name!r} has no ZoomMIL presets (bright_like or c16_like)")
+    from omegaconf import OmegaConf
+
+    magnifications = tuple(float(m) for m in OmegaConf.load(REPO / "conf" / "cohort" / f"{name}.yaml").extract.magnifications)
+    return Cohort(name, root, tuple(sorted(magnifications)))
+
+
+def table_methods(cohort: Cohort, table: int) -> list[Method]:
+    """The rows of Table 1 / 2 (comparison) or Table 4 (ablations) on `cohort`, in the paper's order."""
+    data = [f"dataset.root={cohort.features}"]
+    protocol = ["experiment=zoommil_protocol", f"dataset={cohort.name}", *data]
+    if cohort.name == "c16_like":
+        protocol.append("selection.rule=best_val_loss")  # ZoomMIL selects on val loss for CAMELYON16 / CRC
+    mags = cohort.magnifications
+    every = ",".join(f"{m}" for m in mags)
+    chain = " → ".join(f"{m:g}x" for m in mags)
+    zoommil = ("experiment=zoommil_" + cohort.short, *data)
+    if table == 4:
+        return [Method(name, row, f"{mags[-1]:g}x (all tiles)" if name == "highest_only" else chain, (*zoommil, *([override] if override else [])))
+                for name, (override, row) in ABLATIONS.items()]
+    rows = [Method(a, row, f"{mags[-1]:g}x", (*protocol, f"aggregator={a}")) for a, row in BASELINES.items()]
+    rows.append(Method("msmil", "MS-MIL (all magnifications)", " + ".join(f"{m:g}x" for m in mags),
+                       (*protocol, "aggregator=msmil", f"dataset.magnifications=[{every}]")))
+    rows.append(Method("zoommil_eff", "ZoomMIL-EFF", f"{mags[0]:g}x → {mags[-1]:g}x", ("experiment=zoommil_eff_" + cohort.short, *data)))
+    rows.append(Method("zoommil", "ZoomMIL", chain, zoommil))
+    return rows
+
+
+def train_run(method: Method, seed: int, extra: list[str], run_dir: Path) -> dict:
+    """results.json of `method` with `seed`: read when the run finished before, else trained and tested here."""
+    results_path = run_dir / "results.json"
+    overrides = [*method.overrides, *COMMON, f"seed={seed}", *extra]
+    if results_path.is_file():
+        stored = run_dir / "overrides.json"
+        if stored.is_file() and json.loads(stored.read_text()) != overrides:
+            from tqdm import tqdm
+
+            tqdm.write(f"note: {run_dir} was trained with other overrides; reused as it is (delete it to retrain)")
+        return json.loads(results_path.read_text())
+    from mil_experiments.api import compose_config
+    from mil_experiments.run import train_and_test
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = train_and_test(compose_config([*overrides, "overwrite=true"]), run_dir)  # overwrite: an interrupted run's files
+    (run_dir / "overrides.json").write_text(json.dumps(overrides))
+    return results
+
+
+def measure_compute(run_dir: Path, cohort: Cohort, limit: int, out_dir: Path) -> dict:
+    """summary.json of the prediction command on the first `limit` slides (1 thread, no heatmaps); reused when present."""
+    summary_path = out_dir / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    import tempfile
+
+    from mil_experiments.predict import compose, run_predictions
+
+    settings = [f"checkpoint={run_dir / 'checkpoints' / 'selected.ckpt'}", f"slides={cohort.root / 'slides'}",
+                f"labels_csv={cohort.root / 'labels.csv'}", "num_threads=1", "heatmaps=false", "overwrite=true"]
+    with tempfile.TemporaryDirectory() as warmup:  # one slide first, unmeasured: lazy imports and first-call setup
+        run_predictions(compose([*settings, f"out_dir={warmup}", "limit=1"]))
+    return run_predictions(compose([*settings, f"out_dir={out_dir}", f"limit={limit}"]))
+
+
+def pareto_frontier(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (x and y both better when larger), by increasing x.
+
+    A point is dominated when another is at least as good on both axes and better on one.
+    """
+    frontier = [i for i, (x, y) in enumerate(points)
+                if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(frontier, key=lambda i: points[i][0])
+
+
+def table_rows(methods: list[Method], runs: dict[str, list[dict]], compute: dict[str, dict]) -> list[dict]:
+    """One row per method: mean / std / n of each metric over its seeds, and its compute per slide."""
+    summary = {(r["group"], r["metric"]): r for r in summarise({m.name: [test_metrics_of(r) for r in runs[m.name]] for m in methods})}
+    rows = []
+    for m in methods:
+        row = {"method": m.name, "paper_row": m.paper_row, "magnifications": m.magnifications, "n": len(runs[m.name])}
+        for key, _ in METRICS:
+            cell = summary.get((m.name, key), {"mean": None, "std": None, "n": 0})
+            row.update({f"{key}_mean": cell["mean"], f"{key}_std": cell["std"], f"{key}_n": cell["n"]})
+        c = compute[m.name]
+        seconds = c["seconds_per_slide"]
+        row.update(tiles_per_slide=sum(v for k, v in c["tiles_per_slide"].items() if k.startswith("tiles_encoded_")),
+                   tflops_per_slide=c["tflops_per_slide"], seconds_per_slide=seconds,
+                   slides_per_hour=3600.0 / seconds if seconds > 0 else None, compute_slides=c["slides"])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    """The table laid out like the paper's: metrics as mean ± std (n), then the compute columns."""
+    def cell(row: dict, key: str) -> str:
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        return "n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+    header = ["method", "magnification", *[label for _, label in METRICS], "n", "tiles / slide", "TFLOPs / slide", "s / slide (1 thread)"]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["paper_row"], r["magnifications"], *[cell(r, key) for key, _ in METRICS], str(r["n"]),
+            f"{r['tiles_per_slide']:.1f}", f"{r['tflops_per_slide']:.4f}", f"{r['seconds_per_slide']:.3f}",
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_figure3(rows: list[dict], path: Path, title: str) -> None:
+    """Slides per hour (log x) vs test accuracy (mean ± std), the efficiency frontier through the non-dominated methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["slides_per_hour"] and r["accuracy_mean"] is not None]
+    points = [(r["slides_per_hour"], r["accuracy_mean"]) for r in shown]
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for r, (x, y) in zip(shown, points, strict=True):
+        zoom = r["method"].startswith("zoommil")
+        axis.errorbar(x, y, yerr=r["accuracy_std"] or 0.0, fmt="*" if zoom else "o", markersize=12 if zoom else 7, capsize=3,
+                      color="tab:red" if zoom else "tab:blue")
+        axis.annotate(r["paper_row"].split(" (")[0], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+    frontier = pareto_frontier(points)
+    if frontier:
+        axis.plot([points[i][0] for i in frontier], [points[i][1] for i in frontier], "--", color="gray", label="efficiency frontier")
+        axis.legend(loc="best", fontsize=8)
+    axis.set_xscale("log")
+    axis.set_xlabel("slides per hour (1 CPU thread, log scale)")
+    axis.set_ylabel("test accuracy (mean ± std over seeds)")
+    axis.set_title(textwrap.fill(title, 90), fontsize=8)
+    axis.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int], extra: list[str], out: Path, predict_limit: int) -> Path:
+    """Train (or reuse) every run, measure each method's compute, write table.md / .csv / figure3.png; return table.md."""
+    from tqdm import tqdm
+
+    folder = out / cohort.name / f"table{table}"
+    runs: dict[str, list[dict]] = defaultdict(list)
+    compute: dict[str, dict] = {}
+    jobs = [(m, s) for m in methods for s in seeds]
+    with tqdm(total=len(jobs) + len(methods), desc=f"table {table} on {cohort.name}", unit="run") as bar:
+        for m in methods:
+            for s in seeds:
+                bar.set_postfix_str(f"{m.name} seed {s}")
+                runs[m.name].append(train_run(m, s, extra, folder / m.name / f"seed{s}"))
+                bar.update()
+            bar.set_postfix_str(f"{m.name} compute")
+            compute[m.name] = measure_compute(folder / m.name / f"seed{seeds[0]}", cohort, predict_limit, folder / m.name / "predict")
+            bar.update()
+    rows = table_rows(methods, runs, compute)
+    title = (f"ZoomMIL Table {table} on {cohort.name} ({cohort.root}): seeds {','.join(map(str, seeds))}"
+             f"{', ' + ' '.join(extra) if extra else ''}; compute on {rows[0]['compute_slides']} slides, seed {seeds[0]}")
+    write_csv(rows, folder / "table.csv")
+    (folder / "table.md").write_text(markdown(rows, title))
+    if table in (1, 2):
+        plot_figure3(rows, folder / "figure3.png", title)
+    return folder / "table.md"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`1,2,3` -> [1, 2, 3]; anything else is a ConfigError naming --seeds."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text}: a seed is listed twice")
+    return seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; returns the exit status (2: bad input, reported as one line)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cohort", required=True, help="bright_like | c16_like (data/cohorts/<name>) or a cohort root folder")
+    parser.add_argument("--table", type=int, choices=(1, 2, 4), required=True, help="1 / 2: the comparison (bright_like / c16_like); 4: ablations")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the table's methods (default: all)")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "zoommil_tables")
+    parser.add_argument("--predict-limit", type=int, default=12, help="slides the compute columns are measured on")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.max_epochs=2")
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    try:
+        seeds = parse_seeds(args.seeds)
+        cohort = find_cohort(args.cohort)
+        methods = table_methods(cohort, args.table)
+        if args.methods:
+            known = {m.name: m for m in methods}
+            unknown = [n for n in args.methods.split(",") if n not in known]
+            if unknown:
+                raise ConfigError(f"--methods: {', '.join(unknown)} not in table {args.table} ({', '.join(known)})")
+            methods = [known[n] for n in args.methods.split(",")]
+        path = run_table(cohort, args.table, methods, seeds, args.overrides, args.out, args.predict_limit)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    print(f"wrote {path}, {path.with_suffix('.csv')}" + (f", {path.parent / 'figure3.png'}" if args.table in (1, 2) else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""scripts/zoommil_tables.py: the ZoomMIL tables on a tiny bright_like cohort (2 methods x 2 seeds, 1 epoch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import zoommil_tables  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """A 12-slide bright_like cohort (slides, masks, LeNet features), about 15 s."""
+    root = tmp_path_factory.mktemp("cohort") / "bright_small"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_cohorts.py"), "bright_like", "cohort.num_slides=12", f"root={root}"],
+                   cwd=REPO, check=True, capture_output=True)
+    return root
+
+
+def test_table_rows_are_the_runs_means_and_a_rerun_reuses_them(cohort, tmp_path, capsys):
+    out = tmp_path / "tables"
+    argv = ["--cohort", str(cohort), "--table", "1", "--methods", "abmil,zoommil", "--seeds", "1,2",
+            "--out", str(out), "--predict-limit", "2", "trainer.max_epochs=1"]
+    assert zoommil_tables.main(argv) == 0
+    folder = out / "bright_like" / "table1"
+    rows = {r["method"]: r for r in csv.DictReader((folder / "table.csv").open())}
+    assert list(rows) == ["abmil", "zoommil"]
+    for method, row in rows.items():
+        assert row["n"] == "2"
+        results = [json.loads((folder / method / f"seed{s}" / "results.json").read_text())["test"] for s in (1, 2)]
+        for key in ("f1_weighted", "accuracy", "kappa_quadratic", "auc"):
+            values = [r[f"test/{key}"] for r in results]
+            assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values))
+            assert float(row[f"{key}_std"]) == pytest.approx(np.std(values))
+        for key in ("tiles_per_slide", "tflops_per_slide", "seconds_per_slide", "slides_per_hour"):
+            assert float(row[key]) > 0
+        assert row["compute_slides"] == "2"
+    # ZoomMIL encodes the 1.25x tiles and the children of K of them; ABMIL every 10x tissue tile
+    assert float(rows["zoommil"]["tflops_per_slide"]) < float(rows["abmil"]["tflops_per_slide"])
+    assert float(rows["zoommil"]["tiles_per_slide"]) < float(rows["abmil"]["tiles_per_slide"])
+    assert (folder / "figure3.png").stat().st_size > 0
+    table = (folder / "table.md").read_text()
+    assert "| ABMIL | 10x |" in table and "| ZoomMIL | 1.25x → 2.5x → 10x |" in table
+    assert table in capsys.readouterr().out
+
+    watched = [folder / m / f"seed{s}" / "results.json" for m in rows for s in (1, 2)] + [folder / m / "predict" / "summary.json" for m in rows]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    (folder / "table.csv").unlink()
+    assert zoommil_tables.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in watched} == before  # nothing retrained, nothing re-predicted
+    assert [r["method"] for r in csv.DictReader((folder / "table.csv").open())] == ["abmil", "zoommil"]
+
+
+def test_a_cohort_without_features_is_one_line_naming_the_folder(tmp_path, capsys):
+    missing = tmp_path / "no_cohort"
+    assert zoommil_tables.main(["--cohort", str(missing), "--table", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("error: ") and str(missing / "features" / "lenet") in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_method_and_bad_seeds_are_refused(cohort, tmp_path, capsys):
+    assert zoommil_tables.main(["--cohort", str(cohort), "--table", "4", "--methods", "abmil", "--out", str(tmp_path)]) == 2
+    assert "--methods: abmil not in table 4" in capsys.readouterr().err
+    assert zoommil_tables.main(["--cohort", str(cohort), "--table", "1", "--seeds", "1,x", "--out", str(tmp_path)]) == 2
+    assert "--seeds 1,x" in capsys.readouterr().err
+
+
+def test_table_presets_compose_for_every_row_of_both_cohorts(cohort):
+    from mil_experiments.api import compose_config
+
+    for table, expected in ((1, 9), (4, 7)):
+        methods = zoommil_tables.table_methods(zoommil_tables.find_cohort(str(cohort)), table)
+        assert len(methods) == expected
+        for m in methods:
+            cfg = compose_config([*m.overrides, *zoommil_tables.COMMON, "seed=1"])
+            assert cfg.dataset.root == str(cohort / "features" / "lenet")
+            assert cfg.method.optimizer.lr == pytest.approx(1e-4)  # ZoomMIL's protocol on every row
+    c16 = zoommil_tables.Cohort("c16_like", cohort, (5.0, 10.0, 20.0))
+    for m in zoommil_tables.table_methods(c16, 2):
+        cfg = compose_config([*m.overrides, *zoommil_tables.COMMON, "seed=1"])
+        assert cfg.selection.rule == "best_val_loss"  # ZoomMIL's CAMELYON16 selection
+        expected = {"msmil": [5.0, 10.0, 20.0], "zoommil": [5.0, 10.0, 20.0], "zoommil_eff": [5.0, 20.0]}.get(m.name, [20.0])
+        assert list(cfg.dataset.magnifications) == expected
+
+
+def test_pareto_frontier_keeps_the_non_dominated_points_by_speed():
+    points = [(10.0, 0.90), (100.0, 0.85), (50.0, 0.80), (1000.0, 0.60), (100.0, 0.70), (5.0, 0.90), (2000.0, 0.60)]
+    # (50, .80) is dominated by (100, .85); (100, .70) by (100, .85); (5, .90) by (10, .90); (1000, .60) by (2000, .60)
+    assert zoommil_tables.pareto_frontier(points) == [0, 1, 6]
+    assert zoommil_tables.pareto_frontier([(1.0, 0.5)]) == [0]
+    assert zoommil_tables.pareto_frontier([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # ties dominate neither
