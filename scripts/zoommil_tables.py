@@ -206,11 +206,13 @@ def plot_figure3(rows: list[dict], path: Path, title: str) -> None:
     shown = [r for r in rows if r["slides_per_hour"] and r["accuracy_mean"] is not None]
     points = [(r["slides_per_hour"], r["accuracy_mean"]) for r in shown]
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for r, (x, y) in zip(shown, points, strict=True):
+    rank = {i: k for k, i in enumerate(sorted(range(len(points)), key=lambda i: points[i][0]))}
+    for i, (r, (x, y)) in enumerate(zip(shown, points, strict=True)):
         zoom = r["method"].startswith("zoommil")
         axis.errorbar(x, y, yerr=r["accuracy_std"] or 0.0, fmt="*" if zoom else "o", markersize=12 if zoom else 7, capsize=3,
                       color="tab:red" if zoom else "tab:blue")
-        axis.annotate(r["paper_row"].split(" (")[0], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+        axis.annotate(r["paper_row"].split(" (")[0], (x, y), textcoords="offset points",
+                      xytext=(6, (5, -12, 14)[rank[i] % 3]), fontsize=8)  # staggered: neighbours in speed do not overprint
     frontier = pareto_frontier(points)
     if frontier:
         axis.plot([points[i][0] for i in frontier], [points[i][1] for i in frontier], "--", color="gray", label="efficiency frontier")
