@@ -57,6 +57,7 @@ class PredictConfig:
     flops: bool = True
     heatmaps: bool = True
     thumbnail_size: int = 512
+    masks_dir: str | None = None
 
     def check(self) -> None:
         for key in ("checkpoint", "slides"):
@@ -70,6 +71,8 @@ class PredictConfig:
             raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
         if self.thumbnail_size < 16:
             raise ConfigError(f"thumbnail_size={self.thumbnail_size}: must be >= 16")
+        if self.masks_dir is not None and not Path(self.masks_dir).is_dir():
+            raise DataError(f"masks_dir={self.masks_dir}: folder not found")
         if self.device.startswith("cuda"):
             import torch
 
@@ -159,7 +162,8 @@ def run_predictions(config: PredictConfig) -> dict:
                 title = f"{result.slide_id}: predicted {names[result.predicted]} (p = {result.probabilities[result.predicted]:.2f})"
                 if labels is not None and result.slide_id in labels:
                     title += f", label {names[labels[result.slide_id]]}"
-                draw_heatmap(path, model.tiling.reader, result.levels, title, out / "heatmaps" / f"{result.slide_id}.png", config.thumbnail_size)
+                mask = Path(config.masks_dir) / f"{result.slide_id}.png" if config.masks_dir else None
+                draw_heatmap(path, model.tiling.reader, result.levels, title, out / "heatmaps" / f"{result.slide_id}.png", config.thumbnail_size, mask)
     finally:
         torch.set_num_threads(threads)  # process-wide; give it back
     if not rows:

@@ -258,3 +258,26 @@ def test_a_run_on_standardized_features_is_standardized_on_raw_slides_too(cohort
     result = predict_slide(model, cohort / "slides" / "slide_001.tiff")
     torch.testing.assert_close(result.output.logits, expected.logits, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(expected.logits, raw.logits)
+
+
+def test_heatmap_puts_the_tumour_mask_next_to_the_attention_with_the_zoomed_tiles(cohort, tmp_path, capsys):
+    """masks_dir=<cohort>/masks adds a third panel: the mask in red over a grey thumbnail (Figure 4 style)."""
+    import cv2
+
+    from mil_experiments.prediction.heatmap import mask_overlay
+
+    thumb = np.full((8, 8, 3), 200, dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:8, :8] = 255  # top-left quarter, at twice the thumbnail's size
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    shown = mask_overlay(thumb, tmp_path / "m.png")
+    assert (shown[:4, :4] == (214, 39, 40)).all() and (shown[4:, :] != (214, 39, 40)).any(axis=-1).all()
+    checkpoint = feature_run(cohort, tmp_path / "run", ZOOM)
+    settings = [f"checkpoint={checkpoint}", f"slides={cohort / 'slides'}", "thumbnail_size=128", "flops=false", "limit=1"]
+    assert main([*settings, f"out_dir={tmp_path / 'plain'}"]) == 0
+    assert main([*settings, f"out_dir={tmp_path / 'masked'}", f"masks_dir={cohort / 'masks'}"]) == 0
+    plain = cv2.imread(str(tmp_path / "plain" / "heatmaps" / "slide_000.png"))
+    masked = cv2.imread(str(tmp_path / "masked" / "heatmaps" / "slide_000.png"))
+    assert masked.shape[0] == plain.shape[0] and abs(masked.shape[1] / plain.shape[1] - 1.5) < 0.01  # three panels, not two
+    assert main([*settings, f"out_dir={tmp_path / 'bad'}", f"masks_dir={tmp_path / 'nowhere'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: masks_dir={tmp_path / 'nowhere'}: folder not found"
