@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from mil_experiments.data.wsi.masks import read_tumour_mask  # noqa: E402
 from mil_experiments.data.wsi.readers import open_slide  # noqa: E402
@@ -31,23 +31,41 @@ from mil_experiments.errors import ConfigError, DataError  # noqa: E402
 USAGE = "usage: attention_heatmap.py run=<run dir> slides_dir=<dir> out=<png> [masks_dir=<dir>] [slide=<id>] [reader=tiffslide] [thumbnail_downsample=16]"
 
 
+def run_config(run_dir: Path) -> DictConfig:
+    """A run folder's config.yaml, after checking that it and checkpoints/selected.ckpt exist."""
+    config_path, checkpoint = run_dir / "config.yaml", run_dir / "checkpoints" / "selected.ckpt"
+    for path in (config_path, checkpoint):
+        if not path.is_file():
+            raise DataError(f"{path}: not found (is {run_dir} a run folder of python -m mil_experiments?)")
+    return OmegaConf.load(config_path)
+
+
+def load_run(run_dir: Path, overrides: dict[str, object] | None = None):
+    """Rebuild a run from its config.yaml (with `overrides`, dotted keys) and load its selected weights, in eval mode.
+
+    Returns:
+        the `Experiment` of `mil_experiments.experiment.build_experiment`.
+    """
+    from mil_experiments.experiment import build_experiment
+
+    cfg = run_config(run_dir)
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    experiment = build_experiment(cfg, Path(tempfile.mkdtemp(prefix="heatmap_")))
+    checkpoint = run_dir / "checkpoints" / "selected.ckpt"
+    experiment.method.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    experiment.method.eval()
+    return experiment
+
+
 def bag_attention(run_dir: Path, slide_id: str | None) -> tuple[str, int, float, np.ndarray, np.ndarray, float]:
     """Rebuild the run, load its selected weights, and score one test bag.
 
     Returns:
         (slide id, label, predicted probability, attention (N,), coords (N, 2), magnification).
     """
-    from mil_experiments.experiment import build_experiment
-
-    config_path, checkpoint = run_dir / "config.yaml", run_dir / "checkpoints" / "selected.ckpt"
-    for path in (config_path, checkpoint):
-        if not path.is_file():
-            raise DataError(f"{path}: not found (is {run_dir} a run folder of python -m mil_experiments?)")
-    cfg = OmegaConf.load(config_path)
-    experiment = build_experiment(cfg, Path(tempfile.mkdtemp(prefix="heatmap_")))
+    experiment = load_run(run_dir)
     method = experiment.method
-    method.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    method.eval()
     test = experiment.datamodule.test_set
     bags = [test[i] for i in range(len(test))]
     if slide_id is not None:
