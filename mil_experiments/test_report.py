@@ -65,7 +65,7 @@ def protocol_results(
 
 
 def write_predictions_csv(path: Path, records: list[BagEvaluation], num_classes: int) -> None:
-    """One row per test bag: bag_id, label, predicted, the class probabilities (p_<k>) and the loss."""
+    """One row per test bag: bag_id, label, predicted, the class probabilities (p_<k>, 9 significant digits: ranks, so AUCs, survive) and the loss."""
     import csv
 
     with open(path, "w", newline="") as f:
@@ -74,7 +74,7 @@ def write_predictions_csv(path: Path, records: list[BagEvaluation], num_classes:
         for r in records:
             p = r.probability.double().reshape(-1)  # (C,) or (1,): the positive class's probability
             probabilities = [1.0 - float(p[0]), float(p[0])] if num_classes == 2 and p.numel() == 1 else [float(v) for v in p]
-            writer.writerow([r.bag_id, r.label, r.predicted, *[f"{v:.6f}" for v in probabilities], f"{r.loss:.6f}"])
+            writer.writerow([r.bag_id, r.label, r.predicted, *[f"{v:.9g}" for v in probabilities], f"{r.loss:.6f}"])
 
 
 def write_confusion_png(path: Path, records: list[BagEvaluation], num_classes: int, class_names: list[str] | tuple[str, ...]) -> None:

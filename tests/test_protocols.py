@@ -243,6 +243,10 @@ def test_a_two_fold_multirun_writes_splits_metrics_and_the_fold_summary(tiny_fea
         hits = [int(p["predicted"]) == int(p["label"]) for p in predictions]
         assert np.mean(hits) == pytest.approx(results["test/accuracy"])
         assert all(float(p["p_0"]) + float(p["p_1"]) == pytest.approx(1.0, abs=1e-5) for p in predictions)
+        from sklearn.metrics import roc_auc_score  # the probabilities keep their ranks: the run's AUC from the file
+
+        auc = roc_auc_score([int(p["label"]) for p in predictions], [float(p["p_1"]) for p in predictions])
+        assert auc == pytest.approx(results["test/auc"], abs=1e-6)
     summary = list(csv.DictReader(open(sweep / "fold_summary.csv")))
     accuracy = next(r for r in summary if r["metric"] == "accuracy")
     folds = [json.loads((sweep / j / "results.json").read_text())["test"]["test/accuracy"] for j in ("0", "1")]
