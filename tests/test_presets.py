@@ -32,3 +32,41 @@ def test_zoommil_presets_follow_the_official_protocol(preset, dataset, magnifica
     assert (cfg.method.scheduler.name, cfg.method.scheduler.factor, cfg.method.scheduler.patience) == ("plateau", 0.8, 5)
     assert cfg.dataset.class_weighted_sampler is True and cfg.encoder.name == "identity" and cfg.encoder.standardize is True
     assert (cfg.aggregator.sigma, cfg.aggregator.num_samples, cfg.aggregator.dropout) == (0.002, 100, 0.25)
+
+
+@pytest.mark.parametrize(("preset", "magnifications", "rule", "split"), [
+    ("zoommil_paper_bright", [1.25, 2.5, 10.0], "best_val_f1_weighted", "csv"),
+    ("zoommil_paper_crc", [5.0, 10.0, 20.0], "best_val_loss", "csv"),
+    ("zoommil_paper_c16", [10.0, 20.0], "best_val_loss", "csv_trainval"),
+])
+def test_zoommil_paper_presets_carry_the_official_settings(preset, magnifications, rule, split):
+    cfg = compose_config([f"experiment={preset}"])
+    assert (cfg.dataset.name, list(cfg.dataset.magnifications), cfg.dataset.label_column, cfg.dataset.split) == ("feature_bags", magnifications, "type", split)
+    assert (cfg.aggregator.name, cfg.aggregator.k, cfg.trainer.max_epochs, cfg.selection.rule) == ("zoommil", 12, 100, rule)
+    assert cfg.encoder.standardize is False and cfg.dataset.class_weighted_sampler is True
+
+
+def test_zoommil_paper_preset_trains_on_files_in_the_official_layout(tmp_path):
+    """<slide>.h5 with "{mag}x_patches" / "{mag}x_coords", labels with a `type` column, a train/val/test split CSV."""
+    import h5py
+    import numpy as np
+
+    from mil_experiments.run import train_and_test
+
+    rng = np.random.default_rng(0)
+    slides = [f"s{i}" for i in range(9)]
+    for i, slide in enumerate(slides):
+        with h5py.File(tmp_path / f"{slide}.h5", "w") as f:
+            for m, n in ((1.25, 3), (2.5, 12), (10.0, 192)):  # depth first: 4 and 64 children per 1.25x tile
+                f[f"{m}x_patches"] = rng.normal(i % 3, 1.0, (n, 8)).astype(np.float32)
+                f[f"{m}x_coords"] = np.zeros((n, 2), np.int64)
+    (tmp_path / "labels.csv").write_text("slide_id,type\n" + "".join(f"{s},{i % 3}\n" for i, s in enumerate(slides)))
+    (tmp_path / "split.csv").write_text("train,val,test\n" + "".join(f"{slides[j]},{slides[3 + j]},{slides[6 + j]}\n" for j in range(3)))
+    cfg = compose_config(["experiment=zoommil_paper_bright", f"dataset.root={tmp_path}", "dataset.splits_csv=split.csv",
+                          "trainer.max_epochs=1", "aggregator.hidden_dim=8", "aggregator.attention_dim=4", "aggregator.num_samples=5",
+                          "logger=none", "trainer.enable_progress_bar=false", "evaluation.bootstrap=0"])
+    results = train_and_test(cfg, tmp_path / "run")
+    assert results["aggregator"] == "zoommil" and {"test/f1_weighted", "test/kappa_quadratic"} <= set(results["test"])
+    rows = [line.split(",") for line in (tmp_path / "run" / "splits.csv").read_text().split()[1:]]
+    assert {s for s, split in rows if split == "test"} == {"s6", "s7", "s8"}  # the split CSV's test column
+    assert {s for s, split in rows if split == "val"} == {"s3", "s4", "s5"}
