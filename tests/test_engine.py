@@ -92,8 +92,13 @@ def test_matches_a_single_batch_forward_of_the_whole_bag():
     accumulated = gradients(encoder, aggregator)
     total = sum((a - b).abs().sum() for a, b in zip(accumulated, reference, strict=True)) / sum(b.abs().sum() for b in reference)
     assert float(total) <= 1e-6
+    # Per parameter, against its own gradient or the model's typical gradient, whichever is larger: the
+    # attention biases' true gradients are ~0 (attention_w.bias: exactly, softmax is shift
+    # invariant), so their kernel rounding, which depends on the CPU and the thread count, is all that is left.
+    typical = float(sum(b.abs().sum() for b in reference) / sum(b.numel() for b in reference))
     for g, ref in zip(accumulated, reference, strict=True):
-        assert normalised_l1(g, ref) <= 1e-5
+        scale = max(float(ref.abs().mean()), typical)
+        assert float((g - ref).abs().mean()) / scale <= 1e-5
 
 
 def test_gradients_accumulate_into_existing_grad_like_backward():
