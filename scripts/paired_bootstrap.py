@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from accuracy_by_presentation import run_folders  # scripts/, next to this one
+from torchmetrics.functional.classification import binary_auroc
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,7 +33,7 @@ from mil_experiments.errors import DataError  # noqa: E402
 
 def read_predictions(folder: Path) -> dict[str, list[dict]]:
     """Run name -> rows of its test_predictions.csv, for `folder` itself or each run folder below it."""
-    files = [folder / "test_predictions.csv"] if (folder / "test_predictions.csv").is_file() else sorted(folder.glob("*/test_predictions.csv"))
+    files = [run / "test_predictions.csv" for run in run_folders(folder)]
     if not files:
         raise DataError(f"{folder}: no test_predictions.csv in it or in its sub-folders")
     runs = {}
@@ -44,13 +47,10 @@ def read_predictions(folder: Path) -> dict[str, list[dict]]:
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by the rank formula (ties count one half); NaN with one class only."""
-    positives, negatives = scores[labels == 1], scores[labels == 0]
-    if len(positives) == 0 or len(negatives) == 0:
+    """ROC AUC as the runs compute it (`metrics.bag_metrics`: torchmetrics' binary_auroc; ties count one half); NaN with one class only."""
+    if len(np.unique(labels)) < 2:
         return float("nan")
-    greater = (positives[:, None] > negatives[None, :]).sum()
-    ties = (positives[:, None] == negatives[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
+    return float(binary_auroc(torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)))
 
 
 def pooled(runs: dict[str, list[dict]]) -> dict[str, tuple[int, float, int]]:
