@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+from mil_experiments.data.wsi.masks import read_tumour_mask  # noqa: E402
 from mil_experiments.data.wsi.readers import open_slide  # noqa: E402
-from mil_experiments.errors import DataError  # noqa: E402
 from mil_experiments.prediction.slide_inference import LevelView  # noqa: E402
 
 OUTLINE_COLOURS = ("#00e5ff", "#76ff03", "#ffea00", "#ff4081")
@@ -53,10 +53,8 @@ def mask_overlay(thumb: np.ndarray, mask_path: Path) -> np.ndarray:
     """(h, w, 3) uint8: the thumbnail in grey with the mask's tumour pixels in red (any size of mask, resized to the thumbnail)."""
     import cv2
 
-    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise DataError(f"{mask_path}: not a readable mask image")
-    mask = cv2.resize(mask, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST) > 127  # (h, w)
+    mask = read_tumour_mask(mask_path).astype(np.uint8)  # (H, W) 0 / 1
+    mask = cv2.resize(mask, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST) > 0  # (h, w)
     grey = thumb.mean(axis=2, keepdims=True).repeat(3, axis=2)  # (h, w, 3)
     shown = 0.55 * grey + 0.45 * 255.0
     shown[mask] = (214.0, 39.0, 40.0)
