@@ -59,6 +59,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def leave_process_group() -> None:
+    """Wait for every rank, then destroy the default process group.
+
+    Without the barrier a gloo rank that closes its connections while a peer is still using
+    them can abort that peer at exit ("terminate called without an active exception").
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _rank_main(local_rank: int, world: int, port: int, config_yaml: str, output_dir: str, resume: bool, outcomes: str) -> None:
     """One spawned rank: the environment torchrun would give it, then the run."""
     os.environ.update({

@@ -28,7 +28,7 @@ from torch import nn
 
 from mil_experiments.engine import AccumulationEngine, FullBagEngine, HeadResult
 from mil_experiments.engine.distributed import TileParallelEngine
-from mil_experiments.launch import free_port
+from mil_experiments.launch import free_port, leave_process_group
 from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.aggregator import bag_loss
 from mil_experiments.models.encoders import LeNetEncoder
@@ -130,7 +130,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
             dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps(report))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def _single(args) -> dict:

@@ -27,7 +27,7 @@ from torch import nn
 
 from mil_experiments.engine import FullBagEngine, HeadResult
 from mil_experiments.engine.distributed import TileParallelEngine
-from mil_experiments.launch import free_port
+from mil_experiments.launch import free_port, leave_process_group
 from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.aggregator import bag_loss
 from mil_experiments.telemetry import SavedTensorMeter
@@ -97,7 +97,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
             rows.append({"encoder": name, "tiles": n, "ranks": world, **{k: max(e[k] for e in every) for k in mine}})
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 

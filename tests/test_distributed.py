@@ -18,7 +18,7 @@ from torch import nn
 
 from mil_experiments.engine import AccumulationEngine, FullBagEngine, HeadResult
 from mil_experiments.engine.distributed import DataParallelEngine, TileParallelEngine, shard_indices
-from mil_experiments.launch import free_port
+from mil_experiments.launch import free_port, leave_process_group
 from mil_experiments.models.abmil import ABMIL
 from mil_experiments.models.aggregator import bag_loss
 from mil_experiments.models.instance_pooling import MaxMIL
@@ -136,7 +136,7 @@ def _worker(rank: int, port: int, path: str) -> None:
     if rank == 0:
         with open(path, "w") as f:
             json.dump(reports, f)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 
