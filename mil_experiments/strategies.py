@@ -80,6 +80,7 @@ class TileParallelConfig(DataParallelConfig):
     name: str = "tile_parallel"
     shard: str = "strided"  # strided: tile i on rank i mod R (the paper's sampler) | contiguous: blocks
     aggregator: str = "replicated"  # replicated: every rank runs the aggregator | dedicated: rank 0 only (the paper)
+    shard_evaluation: bool = True  # validation / test bags split across the ranks too (False: every rank encodes every tile)
 
     def check(self) -> None:
         super().check()
@@ -119,7 +120,8 @@ def wrap_engine(strategy: StrategyConfig, engine: GradientEngine) -> GradientEng
     """The configured engine as the strategy runs it (unchanged for `single`)."""
     if isinstance(strategy, TileParallelConfig):
         try:
-            return TileParallelEngine(engine, shard=strategy.shard, layout=strategy.aggregator)
+            return TileParallelEngine(engine, shard=strategy.shard, layout=strategy.aggregator,
+                                      shard_evaluation=strategy.shard_evaluation)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     if isinstance(strategy, DataParallelConfig):

@@ -119,6 +119,27 @@ CASES = [
 ]
 
 
+EVALUATION_BAGS = (13, 2, 1)  # uneven shards, one row per rank, fewer rows than ranks
+
+
+def _evaluation_case(layout: str, shard: str, n: int, sharded: bool) -> dict:
+    """Tile-parallel evaluation encoding of one bag against one device's: the worst difference and the rows this rank encoded."""
+    encoder, _ = _model("abmil")
+    encoded_rows = []
+
+    def count_rows(module, inputs):
+        encoded_rows.append(inputs[0].shape[0])
+
+    encoder.register_forward_pre_hook(count_rows)
+    instances, _ = _bag(n, seed=5)
+    engine = TileParallelEngine(FullBagEngine(), shard=shard, layout=layout, shard_evaluation=sharded)
+    features = engine.encode_for_evaluation(encoder, instances, chunk_size=4)  # (n, 8)
+    with torch.no_grad():
+        want = encoder(instances)  # (n, 8)
+    return {"max_abs": float((features - want).abs().max()), "rows": sum(encoded_rows) - n, "grad": features.requires_grad,
+            "expected_rows": len(shard_indices(n, dist.get_rank(), WORLD, shard)) if sharded and n >= WORLD else n}
+
+
 def _worker(rank: int, port: int, path: str) -> None:
     torch.set_num_threads(1)
     # float64: the comparison measures the algorithm, not float32 summation order
@@ -131,8 +152,11 @@ def _worker(rank: int, port: int, path: str) -> None:
         report[f"tile_parallel {layout} {shard} alpha={alpha:g} n={n} {aggregator}"] = _compare(got, _train(None, aggregator, n, 3))
     got = _train(DataParallelEngine(FullBagEngine()), "abmil", 7, steps=3, rank_bags=True)
     report["ddp n=7,8"] = _compare(got, _train(None, "abmil", 7, 3, rank_bags=True))
+    evaluation = {f"{layout} {shard} n={n} sharded={sharded}": _evaluation_case(layout, shard, n, sharded)
+                  for layout in ("replicated", "dedicated") for shard in ("strided", "contiguous")
+                  for n in EVALUATION_BAGS for sharded in (True, False)}
     reports = [None] * WORLD
-    dist.all_gather_object(reports, report)
+    dist.all_gather_object(reports, {"training": report, "evaluation": evaluation})
     if rank == 0:
         with open(path, "w") as f:
             json.dump(reports, f)
@@ -149,17 +173,29 @@ def reports(tmp_path_factory) -> list[dict]:
 
 def test_tile_parallel_equals_single_device(reports):
     """Every parameter's gradient, 3 steps of parameters and losses: single to 1e-6, on every rank."""
-    for rank, report in enumerate(reports):
+    for rank, report in enumerate(r["training"] for r in reports):
         for case, errors in report.items():
             assert errors["grad_l1"] <= TOLERANCE, (rank, case, errors)
             assert errors["param_l1"] <= TOLERANCE, (rank, case, errors)
             assert errors["loss_rel"] <= TOLERANCE, (rank, case, errors)
-    assert len(reports[0]) == len(CASES) + 1
+    assert len(reports[0]["training"]) == len(CASES) + 1
+
+
+def test_evaluation_bags_are_split_across_ranks_with_the_same_features(reports):
+    """Each rank encodes only its shard of an evaluation bag (both layouts) and every rank gets all features."""
+    for rank, report in enumerate(r["evaluation"] for r in reports):
+        assert len(report) == 2 * 2 * len(EVALUATION_BAGS) * 2
+        for case, result in report.items():
+            assert result["max_abs"] <= 1e-12, (rank, case, result)
+            assert result["rows"] == result["expected_rows"], (rank, case, result)
+            assert not result["grad"]
+    assert reports[1]["evaluation"]["dedicated strided n=13 sharded=True"]["rows"] == 6  # rank 1 of 2: rows 1, 3, ..., 11
+    assert reports[0]["evaluation"]["replicated contiguous n=13 sharded=False"]["rows"] == 13
 
 
 def test_encoder_gradients_are_summed_not_averaged(reports):
     """An averaged encoder gradient would be off by a factor R (the paper's x R pseudo-loss)."""
-    worst = max(e["first_grad_l1"] for e in reports[0].values())
+    worst = max(e["first_grad_l1"] for e in reports[0]["training"].values())
     assert worst <= TOLERANCE  # averaging would give 0.5 here
 
 

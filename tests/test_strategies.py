@@ -114,7 +114,9 @@ def test_bad_strategy_settings_are_refused_naming_the_key(overrides, message):
 def test_strategies_wrap_the_configured_engine():
     tile = validate(compose_config(["strategy=tile_parallel", "trainer.devices=2", "strategy.shard=contiguous", "engine=acc", "alpha=10"]))
     assert isinstance(tile.engine, TileParallelEngine) and tile.engine.shard == "contiguous" and tile.engine.inner.config.alpha == 10
-    assert tile.world_size == 2
+    assert tile.world_size == 2 and tile.engine.shard_evaluation  # evaluation bags split by default
+    replicated = validate(compose_config(["strategy=tile_parallel", "trainer.devices=2", "strategy.shard_evaluation=false"]))
+    assert replicated.engine.shard_evaluation is False and replicated.engine.settings()["shard_evaluation"] is False
     assert isinstance(validate(compose_config(["strategy=ddp", "trainer.devices=2"])).engine, DataParallelEngine)
 
 

@@ -229,11 +229,15 @@ class TileParallelEngine(GradientEngine):
         shard: "strided" (i mod R, the paper's sampler) or "contiguous".
         layout: "replicated" or "dedicated" (see `TileExchange`).
         group: the process group (None: the default group).
+        shard_evaluation: evaluation bags split across the ranks too (every rank encodes its
+            shard without gradients and all ranks get the gathered features); False: every
+            rank encodes the whole bag.
     """
 
     name = "tile_parallel"
 
-    def __init__(self, inner: GradientEngine, shard: str = "strided", layout: str = "replicated", group=None) -> None:
+    def __init__(self, inner: GradientEngine, shard: str = "strided", layout: str = "replicated", group=None,
+                 shard_evaluation: bool = True) -> None:
         super().__init__()
         if shard not in SHARDS:
             raise ValueError(f"strategy.shard={shard!r}: choose one of {SHARDS}")
@@ -245,6 +249,7 @@ class TileParallelEngine(GradientEngine):
         self.shard = shard
         self.layout = layout
         self.group = group
+        self.shard_evaluation = shard_evaluation
 
     def chunk_size(self, n_instances: int) -> int:
         return self.inner.chunk_size(n_instances)
@@ -280,6 +285,21 @@ class TileParallelEngine(GradientEngine):
             exchange=exchange,
         )
 
+    def encode_for_evaluation(self, encoder: torch.nn.Module, instances: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        """(N, ...) the whole bag (the same on every rank) -> its (N, D) features on every rank.
+
+        Each rank encodes its shard (strided or contiguous, over all R ranks whatever the
+        training layout) without gradients, `chunk_size` rows at a time, and the rows are
+        all-gathered into the bag's order: evaluation runs R times fewer encoder rows per
+        rank. A bag with fewer instances than ranks is encoded whole on every rank.
+        """
+        world = dist.get_world_size(self.group)
+        if not self.shard_evaluation or world < 2 or instances.shape[0] < world:
+            return super().encode_for_evaluation(encoder, instances, chunk_size)  # (N, D)
+        exchange = TileExchange(instances.shape[0], "replicated", self.shard, self.group)
+        local = instances[exchange.local_indices.to(instances.device)]  # (n_r, ...)
+        return exchange.gather(super().encode_for_evaluation(encoder, local, chunk_size))  # (N, D)
+
     def sync_random_state(self, device: torch.device) -> None:
         """Every rank takes rank 0's random state, so that a method's draws on the bag (a
         within-bag sample, say) agree; the dedicated layout's head leaves the states apart."""
@@ -292,7 +312,8 @@ class TileParallelEngine(GradientEngine):
             broadcast_gradients(head_parameters, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
 
     def settings(self) -> dict:
-        return {**self.inner.settings(), "strategy": self.name, "shard": self.shard, "aggregator_layout": self.layout}
+        return {**self.inner.settings(), "strategy": self.name, "shard": self.shard, "aggregator_layout": self.layout,
+                "shard_evaluation": self.shard_evaluation}
 
 
 class DataParallelEngine(GradientEngine):

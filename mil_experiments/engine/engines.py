@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mil_experiments.engine.accumulate import MODES, BackwardFn, Head, HeadResult, accumulate_gradients
-from mil_experiments.engine.chunks import chunk_size_for_alpha
+from mil_experiments.engine.chunks import chunk_size_for_alpha, encode_in_chunks
 
 
 class GradientEngine:
@@ -51,6 +51,10 @@ class GradientEngine:
         chunk = self.chunk_size(instances.shape[0])
         self.last_chunk_size = chunk
         return accumulate_gradients(encoder, head, instances, chunk, backward=backward, head_parameters=head_parameters)
+
+    def encode_for_evaluation(self, encoder: nn.Module, instances: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        """(N, ...) instances -> (N, D) features without gradients, `chunk_size` at a time (tile-parallel: sharded)."""
+        return encode_in_chunks(encoder, instances, chunk_size)  # (N, D)
 
     # Multi-process engines (`engine/distributed.py`) override the three below.
     splits_bags = False  # True: each rank trains on its own bags (the epoch's metrics gather all ranks')

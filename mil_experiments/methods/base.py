@@ -32,7 +32,7 @@ from torch import nn
 from mil_experiments.bag import Bag
 from mil_experiments.data.bag_order import NoBag
 from mil_experiments.data.description import DataDescription
-from mil_experiments.engine import GradientEngine, HeadResult, encode_in_chunks
+from mil_experiments.engine import GradientEngine, HeadResult
 from mil_experiments.engine.distributed import same_random_state_on_every_rank
 from mil_experiments.errors import ConfigError
 from mil_experiments.evaluation import (
@@ -164,7 +164,7 @@ class MILMethod(L.LightningModule):
 
     def encode_for_evaluation(self, bag: Bag) -> Bag:
         """The bag with its instances encoded without gradients, a chunk at a time."""
-        return bag.with_instances(encode_in_chunks(self.encoder, bag.instances, self.config.eval_chunk_size))  # (N, D)
+        return bag.with_instances(self.engine.encode_for_evaluation(self.encoder, bag.instances, self.config.eval_chunk_size))  # (N, D)
 
     def predict(self, bag: Bag) -> AggregatorOutput:
         """The aggregator's output for an encoded bag, shape-checked."""
