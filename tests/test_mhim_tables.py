@@ -93,3 +93,18 @@ def test_a_second_call_reuses_every_run(sweep, capsys):
     assert mhim_tables.main(["--recipe", "abmil_c16", "--tables", "table4", "--folds", "0", "--out", str(sweep.parent)]) == 0
     assert [p.stat().st_mtime_ns for p in sorted(sweep.rglob("results.json"))] == stamps
     assert "reusing" in capsys.readouterr().out
+
+
+def test_cost_columns_follow_the_kept_share(sweep):
+    """scripts/mhim_cost.py (supplement Table 2's cost columns): masking shrinks the student's saved activations."""
+    import mhim_cost
+
+    cohort = sweep.parent.parent / "c16"
+    rows = {r.strategy: r for r in mhim_cost.measure("abmil_c16", bags=2, repeats=1, device="cpu",
+                                                       extra=[f"dataset.root={cohort / 'features' / 'lenet'}", "encoder.standardize=true"])}
+    assert list(rows) == ["AB-MIL", "HAM", "R-HAM", "L-HAM", "LR-HAM"]
+    assert len({r.parameters for r in rows.values()}) == 1  # the student is the baseline's model
+    assert rows["AB-MIL"].kept_share == 1.0
+    assert 0.45 <= rows["R-HAM"].kept_share <= 0.5 and rows["LR-HAM"].kept_share < rows["R-HAM"].kept_share
+    assert rows["R-HAM"].peak_saved_mb < 0.6 * rows["AB-MIL"].peak_saved_mb
+    assert all(r.seconds_per_epoch > 0 for r in rows.values())
