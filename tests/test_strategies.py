@@ -117,6 +117,8 @@ def test_strategies_wrap_the_configured_engine():
     assert tile.world_size == 2 and tile.engine.shard_evaluation  # evaluation bags split by default
     replicated = validate(compose_config(["strategy=tile_parallel", "trainer.devices=2", "strategy.shard_evaluation=false"]))
     assert replicated.engine.shard_evaluation is False and replicated.engine.settings()["shard_evaluation"] is False
+    encoder, bag = torch.nn.Linear(3, 2), torch.randn(5, 3)  # no process group (predict loads a tile-parallel run in one process)
+    assert torch.equal(tile.engine.encode_for_evaluation(encoder, bag, 2), torch.no_grad()(encoder)(bag))
     assert isinstance(validate(compose_config(["strategy=ddp", "trainer.devices=2"])).engine, DataParallelEngine)
 
 

@@ -291,9 +291,11 @@ class TileParallelEngine(GradientEngine):
         Each rank encodes its shard (strided or contiguous, over all R ranks whatever the
         training layout) without gradients, `chunk_size` rows at a time, and the rows are
         all-gathered into the bag's order: evaluation runs R times fewer encoder rows per
-        rank. A bag with fewer instances than ranks is encoded whole on every rank.
+        rank. A bag with fewer instances than ranks is encoded whole on every rank, and so
+        is every bag without a process group (a tile-parallel run's model loaded by
+        `mil_experiments.predict` in one process, say).
         """
-        world = dist.get_world_size(self.group)
+        world = dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
         if not self.shard_evaluation or world < 2 or instances.shape[0] < world:
             return super().encode_for_evaluation(encoder, instances, chunk_size)  # (N, D)
         exchange = TileExchange(instances.shape[0], "replicated", self.shard, self.group)
