@@ -21,7 +21,8 @@ The tables (the supplement's numbering; rows as the paper's for the recipe's dat
   AUC, parameters of the student, seconds per training epoch and peak saved activations (MB);
 - table1: the (β_r, β_l) grid; table3: β_h constant vs cosine-decayed to 0 (`mrh_sche`);
 - table4: randomly-HAM off (ρ = 1) vs on (ρ = 0.5); table5: the student's first fc from stage 1
-  or not (`init_stu_type` fc / none); table6 (TransMIL): layer 0 vs last, voting vs averaging;
+  or not (`init_stu_type` fc / none), and the baseline retrained with its first fc from stage 1
+  (`stage1_init_fc`, `method.init_fc_from`); table6 (TransMIL): layer 0 vs last, voting vs averaging;
 - figure3: test AUC vs β_h; figure8: test AUC vs the consistency weight α (`cl_alpha`).
 
 Writes `<out>/<recipe>/<table>.md` and `.csv` (mean ± std over the folds, std with ddof 0 as
@@ -66,6 +67,7 @@ class Row:
     label: str
     changes: dict = field(default_factory=dict)
     baseline: bool = False
+    fc_from_stage_one: bool = False  # the baseline again, its first fc from stage 1 (Table 5's "w/ init")
     x: float | None = None  # the swept value, for the figures
 
 
@@ -85,7 +87,8 @@ def table_rows(table: str, recipe: str) -> list[Row]:
         return [Row("w/o randomly HAM (ρ = 1)", {"mask_ratio_hr": 1.0}), Row("w/ randomly HAM (ρ = 0.5)", {"mask_ratio_hr": 0.5})]
     if table == "table5":
         head = "AB-MIL" if recipe.startswith("abmil") else "TransMIL"
-        return [Row(head, baseline=True), Row("MHIM-MIL w/o init", {"init_stu_type": "none"}),
+        return [Row(head, baseline=True), Row(f"{head} w/ init (fc)", baseline=True, fc_from_stage_one=True),
+                Row("MHIM-MIL w/o init", {"init_stu_type": "none"}),
                 Row("MHIM-MIL w/ init (fc)", {"init_stu_type": "fc"})]
     if table == "table6":
         if not recipe.startswith("transmil"):
@@ -112,7 +115,7 @@ def preset_method(recipe: str) -> dict:
 def run_folder(row: Row, preset: dict) -> str:
     """`stage1`, `stage2` (the preset itself) or `stage2_<key>=<value>,...` of the values that differ from the preset."""
     if row.baseline:
-        return "stage1"
+        return "stage1_init_fc" if row.fc_from_stage_one else "stage1"
     for key in row.changes:
         if key not in preset:
             raise ConfigError(f"method.{key}: not a key of the MHIM method")
@@ -136,6 +139,8 @@ def train_fold(recipe: str, folder: str, row: Row, fold: int, out: Path, extra: 
     stage_one = run_stage([f"experiment=mhim_{recipe}_baseline", *common], first)
     if folder == "stage1":
         return stage_one
+    if folder == "stage1_init_fc":
+        return run_stage([f"experiment=mhim_{recipe}_baseline", *common, f"method.init_fc_from={first}"], out / folder / f"fold{fold}")
     changes = [f"method.{k}={v}" for k, v in row.changes.items()]
     return run_stage([f"experiment=mhim_{recipe}", *common, *changes, f"method.teacher_init={first}"], out / folder / f"fold{fold}")
 

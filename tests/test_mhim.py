@@ -147,6 +147,37 @@ def test_mhim_trains_from_a_stage_one_run_and_refuses_a_mismatched_one(feature_b
         build_experiment(compose_config(_overrides(feature_bags, "method=mhim")), tmp_path / "refused2")
 
 
+def test_a_baseline_takes_only_its_first_fc_from_a_run_and_refuses_what_cannot(feature_bags, tmp_path):
+    """Supplement Table 5's "AB-MIL w/ init": the fc from stage 1, every other weight the seed's own."""
+    import torch
+
+    from mil_experiments.api import compose_config
+    from mil_experiments.experiment import build_experiment
+    from mil_experiments.run import train_and_test
+
+    stage_one = tmp_path / "stage1"
+    train_and_test(compose_config(_overrides(feature_bags, "method=abmil", "method.binary_head=two_logits")), stage_one)
+    trained = torch.load(stage_one / "checkpoints" / "selected.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    fresh = build_experiment(compose_config(_overrides(feature_bags, "method=abmil", "method.binary_head=two_logits")),
+                             tmp_path / "fresh").method.aggregator.state_dict()
+    initialised = build_experiment(compose_config(_overrides(
+        feature_bags, "method=abmil", "method.binary_head=two_logits", f"method.init_fc_from={stage_one}")),
+        tmp_path / "init").method.aggregator.state_dict()
+    for key, value in initialised.items():
+        expected = trained[f"aggregator.{key}"] if key.startswith("embed.") else fresh[key]
+        assert torch.equal(value, expected), key
+    assert not torch.equal(fresh["embed.0.weight"], trained["aggregator.embed.0.weight"])  # the run did change the fc
+    with pytest.raises(ConfigError, match="method.init_fc_from.*no such checkpoint"):
+        build_experiment(compose_config(_overrides(feature_bags, "method=abmil", f"method.init_fc_from={tmp_path}/none")),
+                         tmp_path / "refused")
+    with pytest.raises(ConfigError, match="has no first fc"):
+        plain = [o for o in _overrides(feature_bags, "method=abmil", f"method.init_fc_from={stage_one}") if not o.startswith("aggregator")]
+        build_experiment(compose_config(plain), tmp_path / "refused2")  # aggregator=abmil: no first fc
+    with pytest.raises(ConfigError, match="not for method=mhim"):
+        build_experiment(compose_config(_overrides(feature_bags, "method=mhim", f"method.teacher_init={stage_one}",
+                                                   f"method.init_fc_from={stage_one}")), tmp_path / "refused3")
+
+
 def test_masked_instances_get_exactly_zero_feature_gradient(feature_bags):
     from mil_experiments.api import compose_experiment
 

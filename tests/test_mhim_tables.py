@@ -34,7 +34,8 @@ def test_the_published_recipe_is_the_plain_stage_two_folder_in_every_table(prese
                                         "L-HAM": "stage2_mask_ratio=0.0,mask_ratio_l=0.2", "LR-HAM": "stage2_mask_ratio_l=0.2"}
     assert folders("table3", preset)["β_h → 0 (cosine decay)"] == "stage2"
     assert folders("table4", preset) == {"w/o randomly HAM (ρ = 1)": "stage2_mask_ratio_hr=1.0", "w/ randomly HAM (ρ = 0.5)": "stage2"}
-    assert folders("table5", preset)["MHIM-MIL w/o init"] == "stage2_init_stu_type=none"
+    assert folders("table5", preset) == {"AB-MIL": "stage1", "AB-MIL w/ init (fc)": "stage1_init_fc",
+                                         "MHIM-MIL w/o init": "stage2_init_stu_type=none", "MHIM-MIL w/ init (fc)": "stage2"}
     assert folders("figure8", preset)["α 0.1"] == "stage2"  # the recipe's cl_alpha
     # LR-HAM of Table 2 is Table 1's 50% / 20% row: one run serves both
     assert folders("table1", preset)["β_r 50%, β_l 20%"] == folders("supp2", preset)["LR-HAM"]
@@ -59,20 +60,21 @@ def test_bad_table_and_key_are_one_line_errors(preset, capsys):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """Tables 3 and 4 on a 12-slide cohort, fold 0, 1 epoch: stage 1, the recipe and two variants (~40 s)."""
+    """Tables 3, 4 and 5 on a 12-slide cohort, fold 0, 1 epoch: stage 1, its fc-initialised rerun, the recipe and three variants."""
     root = tmp_path_factory.mktemp("mhimtables")
     cohort = root / "c16"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_cohorts.py"), "c16_like", "cohort.num_slides=12", f"root={cohort}"],
                    cwd=REPO, check=True, capture_output=True)
-    subprocess.run([sys.executable, str(REPO / "scripts" / "mhim_tables.py"), "--recipe", "abmil_c16", "--tables", "table3,table4",
+    subprocess.run([sys.executable, str(REPO / "scripts" / "mhim_tables.py"), "--recipe", "abmil_c16", "--tables", "table3,table4,table5",
                     "--folds", "0", "--out", str(root / "tables"), f"dataset.root={cohort / 'features' / 'lenet'}", *TINY],
                    cwd=REPO, check=True, capture_output=True)
     return root / "tables" / "abmil_c16"
 
 
 def test_each_run_is_trained_once_and_shared_by_the_tables(sweep):
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["stage1", "stage2", "stage2_mask_ratio_hr=1.0", "stage2_mrh_sche=False"]
-    for table, rows in (("table3", 2), ("table4", 2)):
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [
+        "stage1", "stage1_init_fc", "stage2", "stage2_init_stu_type=none", "stage2_mask_ratio_hr=1.0", "stage2_mrh_sche=False"]
+    for table, rows in (("table3", 2), ("table4", 2), ("table5", 4)):
         with open(sweep / f"{table}.csv") as f:
             written = list(csv.DictReader(f))
         assert len(written) == rows and all(0.0 <= float(r["auc_mean"]) <= 1.0 for r in written)
@@ -85,6 +87,14 @@ def test_a_variant_changes_only_its_value_and_learns_from_stage_one(sweep):
     assert (recipe.mask_ratio_hr, variant.mask_ratio_hr) == (0.5, 1.0)
     assert {k: v for k, v in variant.items() if k != "mask_ratio_hr"} == {k: v for k, v in recipe.items() if k != "mask_ratio_hr"}
     assert Path(variant.teacher_init) == sweep / "stage1" / "fold0"
+
+
+def test_the_baseline_with_init_is_stage_one_again_with_its_fc(sweep):
+    first = OmegaConf.load(sweep / "stage1" / "fold0" / "config.yaml")
+    again = OmegaConf.load(sweep / "stage1_init_fc" / "fold0" / "config.yaml")
+    assert Path(again.method.init_fc_from) == sweep / "stage1" / "fold0"
+    again.method.init_fc_from = None
+    assert again.method == first.method and again.seed == first.seed and again.aggregator == first.aggregator
 
 
 def test_a_second_call_reuses_every_run(sweep, capsys):

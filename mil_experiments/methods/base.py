@@ -43,6 +43,7 @@ from mil_experiments.evaluation import (
     test_metrics,
     validation_metrics,
 )
+from mil_experiments.methods.fc_init import init_first_fc
 from mil_experiments.methods.optimization import (
     STEP_SCHEDULES,
     OptimizerConfig,
@@ -83,6 +84,9 @@ class MILMethod(L.LightningModule):
         # Binary tasks: one logit with BCE (the ACC and sampling papers' code) or two
         # logits with cross-entropy (ZoomMIL's and MHIM's code).
         binary_head: str = "one_logit"
+        # The aggregator's first fc from a run's selected checkpoint (MHIM supplement Table 5's
+        # "w/ init" baselines; abmil_mhim and transmil): its run folder or .ckpt.
+        init_fc_from: str | None = None
 
         def check(self) -> None:
             self.optimizer.check()
@@ -115,6 +119,8 @@ class MILMethod(L.LightningModule):
         self.n_outputs = self.output_count(config, data.num_classes)
         self.encoder = encoder
         self.aggregator = aggregator
+        if config.init_fc_from is not None:
+            init_first_fc(aggregator, config.init_fc_from)
         self.engine = engine
         self._train_records: list[tuple[float, int, int, dict[str, float]]] = []
         self._val_looks: list[tuple[float, torch.Tensor, int, int]] = []

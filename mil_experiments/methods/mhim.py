@@ -44,6 +44,7 @@ from mil_experiments.engine import HeadResult
 from mil_experiments.errors import ConfigError
 from mil_experiments.evaluation import evaluate_bag, test_metrics, validation_metrics
 from mil_experiments.methods.base import MILMethod
+from mil_experiments.methods.fc_init import first_fc
 from mil_experiments.methods.mhim_masks import FUSIONS, MaskRatios, mhim_masks
 from mil_experiments.methods.mhim_teacher import (
     ENCODER_PREFIX,
@@ -64,15 +65,6 @@ AGGREGATORS = {ABMILMHIM: "abmil_mhim", TransMIL: "transmil", DSMIL: "dsmil"}
 ATTENTION_LAYERS = ("0", "1", "last")
 TEACHER_MODES = ("train", "eval")
 STUDENT_INITS = ("none", "fc", "all")
-
-
-def first_fc(aggregator: nn.Module) -> nn.Module | None:
-    """The aggregator's first fc (v1's `patch_to_emb`): ABMIL-MHIM's `embed`, TransMIL's `fc`; DSMIL has none."""
-    if isinstance(aggregator, ABMILMHIM):
-        return aggregator.embed
-    if isinstance(aggregator, TransMIL):
-        return aggregator.fc
-    return None
 
 
 class MHIM(MILMethod):
@@ -106,6 +98,9 @@ class MHIM(MILMethod):
 
         def check(self) -> None:
             super().check()
+            if self.init_fc_from is not None:
+                raise ConfigError("method.init_fc_from: not for method=mhim; its student's fc comes from method.teacher_init"
+                                  " with method.init_stu_type=fc")
             for key in ("mask_ratio", "mask_ratio_l", "mask_ratio_h"):
                 if not 0 <= getattr(self, key) < 1:
                     raise ConfigError(f"method.{key}={getattr(self, key):g}: must be in [0, 1)")

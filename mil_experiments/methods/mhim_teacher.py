@@ -49,19 +49,19 @@ def consistency_loss(student_embedding: torch.Tensor, teacher_embedding: torch.T
     return -(target * torch.log_softmax(student_embedding.float() / temp_student, dim=-1)).sum(-1)
 
 
-def stage_one_state(path: str | Path, prefix: str = AGGREGATOR_PREFIX) -> dict[str, torch.Tensor]:
-    """The `prefix` weights of a run's checkpoint (`state_dict` of a MILMethod), prefix removed.
+def stage_one_state(path: str | Path, prefix: str = AGGREGATOR_PREFIX, key: str = "method.teacher_init") -> dict[str, torch.Tensor]:
+    """The `prefix` weights of a run's checkpoint (`state_dict` of a MILMethod), prefix removed; errors name `key`.
 
     Raises:
         ConfigError: the file is missing, unreadable, not a run checkpoint, or holds no `prefix` weights.
     """
-    where = f"method.teacher_init={path}"
+    where = f"{key}={path}"
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "selected.ckpt"
-        where = f"method.teacher_init: {path}"
+        where = f"{key}: {path}"
     if not path.is_file():
-        raise ConfigError(f"{where}: no such checkpoint (train stage 1 first: the same command with method=abmil, then method.teacher_init=<its run folder>)")
+        raise ConfigError(f"{where}: no such checkpoint (train stage 1 first: the same command with method=abmil, then {key}=<its run folder>)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises pickle / zip errors of several types

@@ -137,10 +137,12 @@ def build_for_slides(cfg: DictConfig, run_dir: Path, device: str = "cpu", batch_
     """The model of a run's config (freshly initialised weights, eval mode) with its tile encoder and tiling."""
     cfg = cfg.copy()
     # Inference needs none of the training machinery: a GPU run is rebuilt on this machine, and
-    # MHIM's stage-1 teacher comes from the checkpoint rather than its original folder.
+    # MHIM's stage-1 teacher (or an fc initialisation) comes from the checkpoint rather than its original folder.
     cfg.trainer.accelerator, cfg.trainer.precision = "auto", "32-true"
     if "teacher_init" in cfg.method:
         cfg.method.teacher_init, cfg.method.allow_random_teacher, cfg.method.init_stu_type = None, True, "none"
+    if cfg.method.get("init_fc_from") is not None:  # the weights come from the checkpoint, not from that run
+        cfg.method.init_fc_from = None
     checked = validate(cfg)
     on_features = issubclass(checked.dataset_class, FeatureBagsDataModule)  # feature_bags and the cohorts built on it
     if not on_features and not issubclass(checked.dataset_class, SyntheticWSIDataModule):
