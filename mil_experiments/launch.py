@@ -18,6 +18,7 @@ rank ran Hydra itself, which may have named its folder by its own clock;
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
@@ -31,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from mil_experiments.errors import ConfigError, DataError
 
 SPAWNED_ENV = "MIL_EXPERIMENTS_SPAWNED"
+log = logging.getLogger(__name__)
 
 
 def spawned() -> bool:
@@ -59,16 +61,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def leave_process_group() -> None:
+def leave_process_group(exit_process: bool = False) -> None:
     """Wait for every rank, then destroy the default process group.
 
     Without the barrier a gloo rank that closes its connections while a peer is still using
-    them can abort that peer at exit ("terminate called without an active exception").
+    them can abort that peer at exit ("terminate called without an active exception"). The
+    garbage collection first drops engines and pending works caught in reference cycles, which
+    would otherwise keep the gloo group (and its threads) alive into interpreter shutdown,
+    where their destruction aborts the process the same way. `exit_process`: end the process
+    right after (streams flushed, `os._exit(0)`), skipping interpreter shutdown altogether;
+    for a spawned worker whose only output is already written (tests, benchmark scripts).
     """
+    import gc
+    import sys
+
     import torch.distributed as dist
 
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    if exit_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _rank_main(local_rank: int, world: int, port: int, config_yaml: str, output_dir: str, resume: bool, outcomes: str) -> None:
@@ -98,8 +113,6 @@ def _rank_main(local_rank: int, world: int, port: int, config_yaml: str, output_
 
 def _close_inherited_log_files() -> None:
     """A forked rank other than 0 keeps Hydra's console logging but not its run.log (rank 0 writes)."""
-    import logging
-
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in list(getattr(logger, "handlers", [])):
             if isinstance(handler, logging.FileHandler):
@@ -136,7 +149,10 @@ def spawn_ranks(cfg: DictConfig, output_dir: Path, world: int, resume: bool, sta
                 failure = error
         finally:
             signal.signal(signal.SIGTERM, forward)
-        if failure is not None:
+        if failure is not None and _finished_everywhere(outcomes, world) and (output_dir / "results.json").exists():
+            # e.g. gloo's threads aborting at exit after the run: its results are complete
+            log.warning("rank %d exited abnormally after its run had finished (%s); the results are complete", failure.error_index, failure)
+        elif failure is not None:
             _raise_rank_failure(outcomes, failure.error_index, failure)
     return json.loads((output_dir / "results.json").read_text())
 
@@ -150,6 +166,18 @@ def _forward_sigterm(context):
                 os.kill(process.pid, signal.SIGTERM)
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _finished_everywhere(outcomes: str, world: int) -> bool:
+    """Whether every rank reported a finished run (a rank may still die in its interpreter's shutdown)."""
+    for rank in range(world):
+        path = Path(outcomes) / f"rank{rank}.pkl"
+        if not path.exists():
+            return False
+        with path.open("rb") as f:
+            if pickle.load(f).get("status") != "ok":
+                return False
+    return True
 
 
 def _raise_rank_failure(outcomes: str, rank: int, failure: Exception) -> None:

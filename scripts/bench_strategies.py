@@ -130,7 +130,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
             dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps(report))
-    leave_process_group()
+    leave_process_group(exit_process=True)
 
 
 def _single(args) -> dict:

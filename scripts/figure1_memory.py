@@ -97,7 +97,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
             rows.append({"encoder": name, "tiles": n, "ranks": world, **{k: max(e[k] for e in every) for k in mine}})
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
-    leave_process_group()
+    leave_process_group(exit_process=True)
 
 
 

@@ -160,7 +160,7 @@ def _worker(rank: int, port: int, path: str) -> None:
     if rank == 0:
         with open(path, "w") as f:
             json.dump(reports, f)
-    leave_process_group()
+    leave_process_group(exit_process=True)
 
 
 

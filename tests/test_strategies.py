@@ -184,6 +184,23 @@ def test_an_error_in_the_ranks_is_one_line_and_leaves_no_folder(tmp_path):
     assert not any((tmp_path / "outputs" / "runs").iterdir())
 
 
+def test_a_rank_dying_after_its_run_finished_is_not_a_failed_run(tmp_path):
+    """gloo can abort a rank in interpreter shutdown: the run counts when every rank reported it finished."""
+    import pickle
+
+    from mil_experiments.launch import _finished_everywhere
+
+    def report(rank: int, outcome: dict) -> None:
+        (tmp_path / f"rank{rank}.pkl").write_bytes(pickle.dumps(outcome))
+
+    report(0, {"status": "ok"})
+    assert not _finished_everywhere(str(tmp_path), 2)  # rank 1 never reported: a real failure
+    report(1, {"status": "error", "type": "RuntimeError", "message": "boom", "traceback": ""})
+    assert not _finished_everywhere(str(tmp_path), 2)
+    report(1, {"status": "ok"})
+    assert _finished_everywhere(str(tmp_path), 2)
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_share_one_run_folder(tmp_path):
     """torchrun starts both ranks, each running Hydra: one folder remains, rank 0's (make test-slow)."""
