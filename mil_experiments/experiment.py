@@ -19,7 +19,7 @@ from mil_experiments.errors import ConfigError
 from mil_experiments.methods.base import MILMethod
 from mil_experiments.models.encoders import build_encoder
 from mil_experiments.selection import ModelSelection
-from mil_experiments.strategies import bag_split, is_rank_zero, lightning_strategy
+from mil_experiments.strategies import bag_split, is_rank_zero, lightning_strategy, splits_evaluation
 
 
 @dataclass
@@ -44,6 +44,8 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
     L.seed_everything(checked.seed, workers=True, verbose=False)
     datamodule = checked.dataset_class(config=checked.dataset, seed=checked.seed)
     datamodule.bag_split = bag_split(checked.strategy)
+    evaluation_split = splits_evaluation(checked.strategy, checked.sampling.inference, checked.sampling.test_inference)
+    datamodule.evaluation_split = evaluation_split
     datamodule.setup("fit")
     data = datamodule.describe()
     aggregator_class = checked.aggregator_class
@@ -76,6 +78,7 @@ def build_experiment(cfg: DictConfig, output_dir: str | Path) -> Experiment:
         data=data,
         sampling=checked.sampling,
     )
+    method.evaluation_split = evaluation_split
     return Experiment(cfg, checked, datamodule, method, Path(output_dir))
 
 

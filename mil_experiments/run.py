@@ -114,7 +114,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
         "method": checked.method.name,
         "aggregator": checked.aggregator_name,
         "engine": {**checked.engine.settings(), "chunk_size": checked.engine.last_chunk_size},
-        "strategy": {**vars(checked.strategy), "world_size": checked.world_size},
+        "strategy": {**vars(checked.strategy), "world_size": checked.world_size, "evaluation_split": method.evaluation_split},
         "dataset": checked.dataset.name,
         "encoder": checked.encoder.name,
         "seed": checked.seed,

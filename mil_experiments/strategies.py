@@ -13,9 +13,12 @@
   are split across them (`TileParallelEngine`: `shard`, `aggregator` layout), the
   encoder gradients summed over ranks, which is the single-device gradient.
 
-In both multi-process strategies every rank evaluates every validation and test bag (the
-metrics are the single-device metrics, computed over all bags), only rank 0 writes files,
-and Lightning provides the process group, devices and cluster environment, but not its
+Evaluation is split across the ranks too (`strategy.shard_evaluation`, default true):
+`ddp` deals the validation and test bags (rank r evaluates bags r, r + R, ...; the records
+are all-gathered in bag order), when evaluation is deterministic (every inference
+percentage 100; random passes keep every rank evaluating every bag, drawing alike);
+`tile_parallel` splits each evaluation bag's tiles. Either way the metrics are the
+single-device metrics, computed over all bags. Only rank 0 writes files, and Lightning provides the process group, devices and cluster environment, but not its
 DistributedDataParallel wrapper: the engines exchange gradients themselves, once per
 optimizer step (`GradientEngine.synchronize`), which DDP's per-backward hooks cannot do
 for an engine that backpropagates a bag in several pieces.
@@ -57,6 +60,9 @@ class DataParallelConfig(StrategyConfig):
     start_method: str = "auto"  # how one machine's ranks are started: auto = fork on CPU, spawn on CUDA
     master_port: int = 0  # 0: a free port (spawned ranks only; torchrun / SLURM set their own)
     timeout_s: int = 1800  # a collective waiting longer than this fails the run
+    # evaluation split across the ranks: ddp deals the validation / test bags (deterministic
+    # evaluation only); tile_parallel splits each bag's tiles. False: every rank evaluates everything
+    shard_evaluation: bool = True
 
     @property
     def multi_process(self) -> bool:
@@ -80,7 +86,6 @@ class TileParallelConfig(DataParallelConfig):
     name: str = "tile_parallel"
     shard: str = "strided"  # strided: tile i on rank i mod R (the paper's sampler) | contiguous: blocks
     aggregator: str = "replicated"  # replicated: every rank runs the aggregator | dedicated: rank 0 only (the paper)
-    shard_evaluation: bool = True  # validation / test bags split across the ranks too (False: every rank encodes every tile)
 
     def check(self) -> None:
         super().check()
@@ -136,6 +141,17 @@ def bag_split(strategy: StrategyConfig) -> str | None:
     if isinstance(strategy, DataParallelConfig):
         return "shard"
     return None
+
+
+def splits_evaluation(strategy: StrategyConfig, inference: float, test_inference: list[float]) -> bool:
+    """Whether ddp's ranks split the validation and test bags (`data/evaluation_shards.py`).
+
+    Only deterministic evaluation (every inference percentage 100) is split: random passes
+    draw from one random stream in bag order, which splitting the bags would change.
+    """
+    if isinstance(strategy, TileParallelConfig) or not isinstance(strategy, DataParallelConfig):
+        return False
+    return strategy.shard_evaluation and all(float(p) >= 100 for p in [inference, *test_inference])
 
 
 def global_rank() -> int:

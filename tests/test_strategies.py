@@ -52,7 +52,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     # (in this process: the same code as the CLI's, without a second interpreter start)
     single = root / "single"
     train_and_test(compose_config([*RUN, "method.bags_per_step=2", "method.step_schedule=every_k"]), single)
-    return {"sweep": sweep, "ddp": sweep / "0", "tile_parallel": sweep / "1", "single": single}
+    # deterministic evaluation: ddp deals the validation and test bags to the ranks
+    whole = [*RUN, "sampling.inference=100", "dataset.val_bags=5", "dataset.test_bags=5"]
+    split = run_cli(["strategy=ddp", "trainer.devices=2", *whole, "hydra.run.dir=ddp_split"], cwd=root)
+    assert split.returncode == 0, split.stderr[-3000:]
+    single_whole = root / "single_whole"
+    train_and_test(compose_config([*whole, "method.bags_per_step=2", "method.step_schedule=every_k"]), single_whole)
+    return {"sweep": sweep, "ddp": sweep / "0", "tile_parallel": sweep / "1", "single": single,
+            "ddp_split": root / "ddp_split", "single_whole": single_whole}  # fmt: skip
 
 
 def test_each_multi_process_run_writes_one_folder_with_the_single_run_files(runs):
@@ -80,6 +87,32 @@ def test_ddp_train_loss_equals_single_device_with_the_same_bags_per_step(runs):
     ddp_test, single_test = (json.loads((runs[n] / "results.json").read_text())["test"] for n in ("ddp", "single"))
     assert ddp_test["test/accuracy"] == single_test["test/accuracy"]
     assert ddp_test["test/auc"] == pytest.approx(single_test["test/auc"], abs=1e-6)
+
+
+def test_ddp_splits_deterministic_evaluation_bags_and_gathers_every_one_in_order(runs):
+    """5 validation and 5 test bags on 2 ranks (3 and 2 each): every epoch's validation
+    metrics, the test metrics and test_predictions.csv (bag order) are one device's."""
+    split, single = (json.loads((runs[n] / "results.json").read_text()) for n in ("ddp_split", "single_whole"))
+    assert split["strategy"]["evaluation_split"] is True
+    assert json.loads((runs["ddp"] / "results.json").read_text())["strategy"]["evaluation_split"] is False  # 50% samples: random
+    for a, b in zip(_metrics(runs["ddp_split"]), _metrics(runs["single_whole"]), strict=True):
+        for key in ("val/loss", "val/auc", "val/error"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (key, a[key], b[key])
+    for key in ("test/loss", "test/accuracy", "test/auc"):
+        assert split["test"][key] == pytest.approx(single["test"][key], rel=1e-5, abs=1e-7), key
+    predictions = [(runs[n] / "test_predictions.csv").read_text().splitlines() for n in ("ddp_split", "single_whole")]
+    assert len(predictions[0]) == 6  # header + 5 bags, none twice
+    assert [row.split(",")[:3] for row in predictions[0]] == [row.split(",")[:3] for row in predictions[1]]
+
+
+def test_an_evaluation_shard_serves_only_its_ranks_bags():
+    from mil_experiments.data.bag_order import NoBag
+    from mil_experiments.data.evaluation_shards import EvaluationShard, every_rank_items
+
+    shard = EvaluationShard(list("abcde"), rank=1, world=2)
+    assert len(shard) == 5  # every rank walks every step
+    assert [shard[i] if not isinstance(shard[i], NoBag) else None for i in range(5)] == [None, "b", None, "d", None]
+    assert every_rank_items([(3, "x"), (1, "y"), (1, "z")], split=False) == ["x", "y", "z"]  # one process: as recorded
 
 
 def test_tile_parallel_reports_memory_and_time_of_every_rank(runs):

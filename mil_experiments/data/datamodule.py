@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Weight
 from mil_experiments.bag import collate_single_bag
 from mil_experiments.data.bag_order import EpochOrder, TrainBags
 from mil_experiments.data.description import DataDescription
+from mil_experiments.data.evaluation_shards import shard_for_this_rank
 from mil_experiments.errors import ConfigError
 
 
@@ -54,6 +55,8 @@ class BagDataModule(L.LightningDataModule, ABC):
         self.used_split: dict[str, list[str]] | None = None  # slide ids per split, where a dataset has them
         # Multi-process strategies: "shard" (ddp: each rank its bags) or "same" (tile_parallel: every rank every bag)
         self.bag_split: str | None = None
+        # strategy=ddp with deterministic evaluation: each rank loads only its validation / test bags
+        self.evaluation_split: bool = False
 
     # --- to be provided by each dataset -------------------------------------------------
     num_classes: int = 2
@@ -112,8 +115,11 @@ class BagDataModule(L.LightningDataModule, ABC):
         order = EpochOrder(sampler or RandomSampler(self.train_set), split=self.bag_split)
         return self._loader(TrainBags(self.train_set, self.config.tiles_per_bag, self.seed), shuffle=False, sampler=order)
 
+    def _evaluation_bags(self, bags: Dataset) -> Dataset:
+        return shard_for_this_rank(bags) if self.evaluation_split else bags
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self._evaluation_bags(self.val_set), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self._evaluation_bags(self.test_set), shuffle=False)

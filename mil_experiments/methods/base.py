@@ -32,11 +32,11 @@ from torch import nn
 from mil_experiments.bag import Bag
 from mil_experiments.data.bag_order import NoBag
 from mil_experiments.data.description import DataDescription
+from mil_experiments.data.evaluation_shards import every_rank_items
 from mil_experiments.engine import GradientEngine, HeadResult
 from mil_experiments.engine.distributed import same_random_state_on_every_rank
 from mil_experiments.errors import ConfigError
 from mil_experiments.evaluation import (
-    BagEvaluation,
     evaluate_bag,
     predicted_label,
     probabilities,
@@ -123,8 +123,11 @@ class MILMethod(L.LightningModule):
             init_first_fc(aggregator, config.init_fc_from)
         self.engine = engine
         self._train_records: list[tuple[float, int, int, dict[str, float]]] = []
-        self._val_looks: list[tuple[float, torch.Tensor, int, int]] = []
-        self._test_records: dict[float, list[BagEvaluation]] = {}
+        # evaluation records as (bag index, record) while an epoch runs; every rank's, in bag order, after it
+        self._val_looks: list = []
+        self._test_records: dict[float, list] = {}
+        # strategy=ddp: this rank evaluates only its bags, the records are gathered (data/evaluation_shards.py)
+        self.evaluation_split = False
 
     @classmethod
     def check_config(cls, config: Config, sampling: SamplingConfig) -> None:
@@ -260,10 +263,16 @@ class MILMethod(L.LightningModule):
         self._val_looks = []
         same_random_state_on_every_rank(self.device)  # several processes: identical evaluation on every rank
 
-    def validation_step(self, bag: Bag, batch_idx: int) -> None:
+    def validation_step(self, bag: Bag | NoBag, batch_idx: int) -> None:
+        if isinstance(bag, NoBag):  # another rank's bag (strategy=ddp)
+            return
         repeats = self.sampling.val_repeats if self.sampling.inference < 100 else 1
         result = evaluate_bag(self, bag, self.sampling.inference, passes=repeats)
-        self._val_looks += [(loss, p, q, result.label) for loss, p, q in result.looks]  # each repeat counts once
+        self._val_looks += [(batch_idx, (loss, p, q, result.label)) for loss, p, q in result.looks]  # each repeat counts once
+
+    def every_rank_records(self, pairs: list) -> list:
+        """This epoch's `(bag index, record)` pairs -> the records of every bag, in bag order."""
+        return every_rank_items(pairs, self.evaluation_split)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -276,6 +285,7 @@ class MILMethod(L.LightningModule):
             metrics["train/error"] = float(np.mean(np.asarray(predicted) != np.asarray(labels)))
             for name in terms[0]:
                 metrics[f"train/loss_{name}"] = float(np.mean([t[name] for t in terms]))
+        self._val_looks = self.every_rank_records(self._val_looks)
         metrics.update(validation_metrics(self._val_looks, self.num_classes))
         metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
         self.log_dict(log_values(metrics), on_epoch=True)
@@ -293,12 +303,15 @@ class MILMethod(L.LightningModule):
         self._test_records = {p: [] for p in self.test_percents}
         same_random_state_on_every_rank(self.device)
 
-    def test_step(self, bag: Bag, batch_idx: int) -> None:
+    def test_step(self, bag: Bag | NoBag, batch_idx: int) -> None:
+        if isinstance(bag, NoBag):  # another rank's bag (strategy=ddp)
+            return
         for percent, records in self._test_records.items():
             passes = count_test_passes(percent, bag.sampling_size, self.sampling.test_looks)
-            records.append(evaluate_bag(self, bag, percent, passes))
+            records.append((batch_idx, evaluate_bag(self, bag, percent, passes)))
 
     def on_test_epoch_end(self) -> None:
+        self._test_records = {percent: self.every_rank_records(pairs) for percent, pairs in self._test_records.items()}
         results: dict[str, float] = {}
         for i, (percent, records) in enumerate(self._test_records.items()):
             suffix = "" if i == 0 else f"@inference{percent:g}"

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from mil_experiments.bag import Bag
+from mil_experiments.data.bag_order import NoBag
 from mil_experiments.engine import HeadResult
 from mil_experiments.errors import ConfigError
 from mil_experiments.evaluation import evaluate_bag, test_metrics, validation_metrics
@@ -230,14 +231,19 @@ class MHIM(MILMethod):
         super().on_validation_epoch_start()
         self._val_teacher_looks = []
 
-    def validation_step(self, bag: Bag, batch_idx: int) -> None:
+    def validation_step(self, bag: Bag | NoBag, batch_idx: int) -> None:
         super().validation_step(bag, batch_idx)
+        if isinstance(bag, NoBag):
+            return
         result = evaluate_bag(_TeacherView(self), bag, 100.0, passes=1)
-        self._val_teacher_looks += [(loss, p, q, result.label) for loss, p, q in result.looks]
+        self._val_teacher_looks += [(batch_idx, (loss, p, q, result.label)) for loss, p, q in result.looks]
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self.trainer.sanity_checking or not self._val_teacher_looks:
+        if self.trainer.sanity_checking:
+            return
+        self._val_teacher_looks = self.every_rank_records(self._val_teacher_looks)
+        if not self._val_teacher_looks:
             return
         metrics = validation_metrics(self._val_teacher_looks, self.num_classes)
         self.log_dict(log_values({k.replace("val/", "val/teacher_"): v for k, v in metrics.items()}), on_epoch=True)
@@ -246,12 +252,15 @@ class MHIM(MILMethod):
         super().on_test_epoch_start()
         self._test_teacher_records = []
 
-    def test_step(self, bag: Bag, batch_idx: int) -> None:
+    def test_step(self, bag: Bag | NoBag, batch_idx: int) -> None:
         super().test_step(bag, batch_idx)
-        self._test_teacher_records.append(evaluate_bag(_TeacherView(self), bag, 100.0, passes=1))
+        if isinstance(bag, NoBag):
+            return
+        self._test_teacher_records.append((batch_idx, evaluate_bag(_TeacherView(self), bag, 100.0, passes=1)))
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
+        self._test_teacher_records = self.every_rank_records(self._test_teacher_records)
         metrics = test_metrics(self._test_teacher_records, self.num_classes)
         self.log_dict(log_values({k.replace("test/", "test/teacher_"): v for k, v in metrics.items()}))
 
