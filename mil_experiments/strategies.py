@@ -18,7 +18,8 @@ Evaluation is split across the ranks too (`strategy.shard_evaluation`, default t
 are all-gathered in bag order), when evaluation is deterministic (every inference
 percentage 100; random passes keep every rank evaluating every bag, drawing alike);
 `tile_parallel` splits each evaluation bag's tiles. Either way the metrics are the
-single-device metrics, computed over all bags. Only rank 0 writes files, and Lightning provides the process group, devices and cluster environment, but not its
+single-device metrics, computed over all bags. Only rank 0 writes files, and Lightning
+provides the process group, devices and cluster environment, but not its
 DistributedDataParallel wrapper: the engines exchange gradients themselves, once per
 optimizer step (`GradientEngine.synchronize`), which DDP's per-backward hooks cannot do
 for an engine that backpropagates a bag in several pieces.
