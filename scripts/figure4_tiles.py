@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def sweep(name: str, tiles: str, seeds: str | None, strategy: list[str], overrides: list[str], out: Path) -> Path:
@@ -43,14 +44,13 @@ def sweep(name: str, tiles: str, seeds: str | None, strategy: list[str], overrid
 
 def job_runs(folder: Path) -> dict[tuple[str, str], dict]:
     """(K, seed) as overridden -> per-epoch train/loss and val/auc, and the test AUC, of each job."""
-    from omegaconf import OmegaConf
+    from mil_experiments.summaries import job_overrides
 
     runs = {}
     for job in sorted((p for p in folder.iterdir() if (p / "metrics.csv").is_file()), key=lambda p: int(p.name)):
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = dict(str(o).split("=", 1) for o in OmegaConf.load(overrides_file))
+        overrides = dict(o.split("=", 1) for o in job_overrides(job))
         if "dataset.tiles_per_bag" not in overrides:
-            raise SystemExit(f"error: {overrides_file}: no dataset.tiles_per_bag override (not a job of this script's sweeps)")
+            raise SystemExit(f"error: {job / '.hydra' / 'overrides.yaml'}: no dataset.tiles_per_bag override (not a job of this script's sweeps)")
         with (job / "metrics.csv").open() as f:
             curve = [{"epoch": int(r["epoch"]), "train_loss": float(r["train/loss"]), "val_auc": float(r["val/auc"])}
                      for r in csv.DictReader(f)]  # fmt: skip
