@@ -150,7 +150,7 @@ def splits_evaluation(strategy: StrategyConfig, inference: float, test_inference
     Only deterministic evaluation (every inference percentage 100) is split: random passes
     draw from one random stream in bag order, which splitting the bags would change.
     """
-    if isinstance(strategy, TileParallelConfig) or not isinstance(strategy, DataParallelConfig):
+    if bag_split(strategy) != "shard":  # ddp only: tile_parallel splits each bag's tiles instead
         return False
     return strategy.shard_evaluation and all(float(p) >= 100 for p in [inference, *test_inference])
 
