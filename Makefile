@@ -30,6 +30,6 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_acc.py
 
-# The benchmark cohorts (c16_like, tcga_like, bright_like): slides, masks, LeNet features -> data/cohorts/
+# The benchmark cohorts (c16_like, tcga_like, bright_like, crc_like): slides, masks, LeNet features -> data/cohorts/
 cohorts: $(STAMP)
 	$(PY) scripts/make_cohorts.py

@@ -1,6 +1,6 @@
 """Generate the benchmark cohorts and extract their features: `make cohorts`.
 
-    python scripts/make_cohorts.py                      # c16_like, tcga_like, bright_like
+    python scripts/make_cohorts.py                      # c16_like, tcga_like, bright_like, crc_like
     python scripts/make_cohorts.py c16_like cohort.num_slides=40 root=/tmp/c16_small
 
 For each named cohort (`conf/cohort/<name>.yaml`; `key=value` overrides apply to every
@@ -29,7 +29,7 @@ from mil_experiments.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parent.parent
 COHORT_CONF = REPO / "conf" / "cohort"
-DEFAULT_COHORTS = ("c16_like", "tcga_like", "bright_like")
+DEFAULT_COHORTS = ("c16_like", "tcga_like", "bright_like", "crc_like")
 ENCODER = {"name": "lenet", "pretrained": False, "input_size": None, "feature_dim": 500, "seed": 0}
 
 

@@ -43,7 +43,8 @@ def c16():
 
 def test_presets_load_with_their_classes_and_magnification_chains():
     expected = {"c16_like": (["normal", "tumour"], [5.0, 10.0, 20.0], 20.0), "tcga_like": (["luad_like", "lusc_like"], [10.0, 20.0], 20.0),
-                "bright_like": (["non_cancerous", "precancerous", "cancerous"], [1.25, 2.5, 10.0], 10.0)}
+                "bright_like": (["non_cancerous", "precancerous", "cancerous"], [1.25, 2.5, 10.0], 10.0),
+                "crc_like": (["non_neoplastic", "low_grade", "high_grade"], [5.0, 10.0, 20.0], 20.0)}
     for name, (classes, magnifications, base) in expected.items():
         raw, cfg = load_preset(name, [])
         assert [c.name for c in cfg.classes] == classes
@@ -99,6 +100,26 @@ def test_bright_like_grades_hold_their_lesions():
                 assert required[label] in present
             if pres.name == "normal":
                 assert not present
+
+
+def test_crc_like_grades_hold_their_lesions_in_the_papers_shares():
+    cfg = load_preset("crc_like", [])[1]
+    allowed = {0: {"hyperplastic"}, 1: {"low_grade", "hyperplastic"}, 2: {"high_grade", "low_grade"}}
+    required = {1: "low_grade", 2: "high_grade"}
+    for label, spec in enumerate(cfg.classes):
+        for p, pres in enumerate(spec.presentations):
+            slide = generate_lesion_slide(slide_rng(9, 10 * label + p), pres, cfg)
+            present = {cfg.kinds[k - 1].name for k in set(np.unique(slide.kinds)) - {0}}
+            assert present <= allowed[label]
+            if label in required:
+                assert required[label] in present
+            if pres.name == "normal":
+                assert not present
+    # ZoomMIL's CRC: 26.5 / 48.7 / 24.8% of the slides, split 70 / 10 / 20 within each class
+    labels = np.array([e["label"] for e in cohort_plan(cfg)])
+    assert np.bincount(labels).tolist() == [round(0.265 * 300), round(0.487 * 300), round(0.248 * 300)]
+    splits = [e["split"] for e in cohort_plan(cfg)]
+    assert (splits.count("train"), splits.count("val"), splits.count("test")) == (210, 30, 60)
 
 
 def test_plan_follows_the_class_shares_and_stratifies_the_splits():
