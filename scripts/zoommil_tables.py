@@ -1,21 +1,24 @@
-"""ZoomMIL's Tables 1, 2 and 4 and Figure 3 at reduced scale, on the generated cohorts.
+"""ZoomMIL's Tables 1-4 and Figure 3 at reduced scale, on the generated cohorts.
 
-    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 1 --seeds 1,2,3
-    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort c16_like --table 2 --seeds 1,2,3
+    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort crc_like --table 1 --seeds 1,2,3
+    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 2 --seeds 1,2,3
+    OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort c16_like --table 3 --seeds 1,2,3
     OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 4 --seeds 1,2,3
     ... [--methods abmil,zoommil] [--out outputs/zoommil_tables] [--predict-limit 12] [trainer.max_epochs=2 ...]
 
-Tables 1 / 2 compare the single-magnification baselines, MSMIL on every magnification,
+The paper's numbering: Tables 1 / 2 / 3 (CRC / BRIGHT / CAMELYON16 -> crc_like / bright_like /
+c16_like) compare the single-magnification baselines, MSMIL on every magnification,
 ZoomMIL-EFF and ZoomMIL, all under ZoomMIL's training protocol (experiment=zoommil_protocol
-and the cohort's zoommil presets; c16_like selects on validation loss, as the paper does for
-CAMELYON16); Table 4 is the ablations of ZoomMIL (the full model is the reference row).
+and the cohort's zoommil presets; crc_like and c16_like select on validation loss, as the paper
+does for CRC and CAMELYON16); Table 4 is the ablations of ZoomMIL-EFF, as in the paper (the
+full ZoomMIL-EFF is the reference row).
 Every (method, seed) is one in-process training run in `<out>/<cohort>/table<k>/<method>/seed<k>/`;
 a run whose results.json exists is reused, so an interrupted sweep resumes. The compute per
 slide (tiles encoded, TFLOPs, seconds on 1 CPU thread) is measured once per method, on the
 first seed's model, by the raw-slide prediction command (`mil_experiments.predict`) on the
 first `--predict-limit` slides of the cohort (`<method>/predict/summary.json`, reused too).
 Writes `table.md` and `table.csv` (one row per method, mean ± std over seeds) and, for
-Tables 1 / 2, `figure3.png` (slides per hour vs test accuracy, with the efficiency frontier).
+Tables 1-3, `figure3.png` (slides per hour vs test accuracy, with the efficiency frontier).
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from mil_experiments.summaries import summarise, test_metrics_of  # noqa: E402
 COMMON = ["logger=none", "trainer.enable_progress_bar=false", "evaluation.bootstrap=0", "telemetry.count_saved_tensors=false"]
 METRICS = (("f1_weighted", "weighted F1"), ("accuracy", "accuracy"), ("kappa_quadratic", "quadratic kappa"), ("auc", "AUC"))
 BASELINES = {"maxmil": "Max-MIL", "meanmil": "Mean-MIL", "abmil": "ABMIL", "clam_sb": "CLAM-SB", "transmil": "TransMIL", "dsmil": "DSMIL"}
-ABLATIONS = {  # Table 4: method -> (override on the full ZoomMIL preset, the paper's row)
-    "zoommil": (None, "ZoomMIL (full)"),
+COMPARISON_TABLE = {"crc_like": 1, "bright_like": 2, "c16_like": 3}  # the paper's table of each cohort's data set
+SELECT_ON_LOSS = ("crc_like", "c16_like")  # the paper selects on validation loss for CRC and CAMELYON16
+ABLATIONS = {  # Table 4 (on ZoomMIL-EFF, as the paper): method -> (override on the ZoomMIL-EFF preset, the paper's row)
+    "zoommil_eff": (None, "ZoomMIL-EFF (full: DIFF-TOPK, DGA, sum)"),
     "nondiff_topk": ("aggregator.selection=hard", "NONDIFF-TOPK"),
     "random_k_lowest": ("aggregator.selection=random_low", "RANDOM K @ lowest"),
     "random_4k_next": ("aggregator.selection=random_next", "RANDOM 4K @ next"),
@@ -53,7 +58,7 @@ ABLATIONS = {  # Table 4: method -> (override on the full ZoomMIL preset, the pa
 
 @dataclass(frozen=True)
 class Cohort:
-    """A generated cohort: its preset name (bright_like | c16_like), root folder and magnifications."""
+    """A generated cohort: its preset name (crc_like | bright_like | c16_like), root folder and magnifications."""
 
     name: str
     root: Path
@@ -65,7 +70,7 @@ class Cohort:
 
     @property
     def short(self) -> str:
-        """The suffix of the cohort's zoommil presets: bright | c16."""
+        """The suffix of the cohort's zoommil presets: crc | bright | c16."""
         return self.name.removesuffix("_like")
 
 
@@ -80,15 +85,15 @@ class Method:
 
 
 def find_cohort(value: str) -> Cohort:
-    """`bright_like` / `c16_like` (data/cohorts/<name>) or a cohort root; refuses one without features."""
+    """`crc_like` / `bright_like` / `c16_like` (data/cohorts/<name>) or a cohort root; refuses one without features."""
     root = Path(value) if ("/" in value or Path(value).is_dir()) else REPO / "data" / "cohorts" / value
     features = root / "features" / "lenet"
     if not features.is_dir() or not any(features.glob("*.h5")):
-        raise DataError(f"--cohort {value}: no feature files in {features} (make them with: python scripts/make_cohorts.py <bright_like|c16_like>)")
+        raise DataError(f"--cohort {value}: no feature files in {features} (make them with: python scripts/make_cohorts.py <crc_like|bright_like|c16_like>)")
     info = root / "cohort.json"
     name = json.loads(info.read_text())["config"]["name"] if info.is_file() else root.name
-    if name not in ("bright_like", "c16_like"):
-        raise ConfigError(f"--cohort {value}: cohort {name!r} has no ZoomMIL presets (bright_like or c16_like)")
+    if name not in COMPARISON_TABLE:
+        raise ConfigError(f"--cohort {value}: cohort {name!r} has no ZoomMIL presets ({', '.join(COMPARISON_TABLE)})")
     from omegaconf import OmegaConf
 
     magnifications = tuple(float(m) for m in OmegaConf.load(REPO / "conf" / "cohort" / f"{name}.yaml").extract.magnifications)
@@ -96,22 +101,34 @@ def find_cohort(value: str) -> Cohort:
 
 
 def table_methods(cohort: Cohort, table: int) -> list[Method]:
-    """The rows of Table 1 / 2 (comparison) or Table 4 (ablations) on `cohort`, in the paper's order."""
+    """The rows of Table 1 / 2 / 3 (comparison) or Table 4 (ablations of ZoomMIL-EFF) on `cohort`, in the paper's order."""
     data = [f"dataset.root={cohort.features}"]
     protocol = ["experiment=zoommil_protocol", f"dataset={cohort.name}", *data]
-    if cohort.name == "c16_like":
-        protocol.append("selection.rule=best_val_loss")  # ZoomMIL selects on val loss for CAMELYON16 / CRC
+    if table != 4 and table != COMPARISON_TABLE[cohort.name]:
+        raise ConfigError(f"--table {table}: {cohort.name} stands in for the data set of the paper's Table {COMPARISON_TABLE[cohort.name]} "
+                          f"(Table 1: crc_like, 2: bright_like, 3: c16_like; 4: ablations on any)")
+    if cohort.name in SELECT_ON_LOSS:
+        protocol.append("selection.rule=best_val_loss")
     mags = cohort.magnifications
     every = ",".join(f"{m}" for m in mags)
     chain = " → ".join(f"{m:g}x" for m in mags)
     zoommil = ("experiment=zoommil_" + cohort.short, *data)
+    eff = ("experiment=zoommil_eff_" + cohort.short, *data)
     if table == 4:
-        return [Method(name, row, f"{mags[-1]:g}x (all tiles)" if name == "highest_only" else chain, (*zoommil, *([override] if override else [])))
+        from omegaconf import OmegaConf
+
+        preset = OmegaConf.load(REPO / "conf" / "experiment" / f"zoommil_eff_{cohort.short}.yaml")
+        eff_mags = [float(m) for m in preset.dataset.magnifications]
+        eff_chain = " → ".join(f"{m:g}x" for m in eff_mags)
+        return [Method(name, row, f"{eff_mags[-1]:g}x (all tiles)" if name == "highest_only" else eff_chain, (*eff, *([override] if override else [])))
                 for name, (override, row) in ABLATIONS.items()]
     rows = [Method(a, row, f"{mags[-1]:g}x", (*protocol, f"aggregator={a}")) for a, row in BASELINES.items()]
     rows.append(Method("msmil", "MS-MIL (all magnifications)", " + ".join(f"{m:g}x" for m in mags),
                        (*protocol, "aggregator=msmil", f"dataset.magnifications=[{every}]")))
-    rows.append(Method("zoommil_eff", "ZoomMIL-EFF", f"{mags[0]:g}x → {mags[-1]:g}x", ("experiment=zoommil_eff_" + cohort.short, *data)))
+    from omegaconf import OmegaConf
+
+    eff_mags = [float(m) for m in OmegaConf.load(REPO / "conf" / "experiment" / f"zoommil_eff_{cohort.short}.yaml").dataset.magnifications]
+    rows.append(Method("zoommil_eff", "ZoomMIL-EFF", " → ".join(f"{m:g}x" for m in eff_mags), eff))
     rows.append(Method("zoommil", "ZoomMIL", chain, zoommil))
     return rows
 
@@ -256,7 +273,7 @@ def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int
              f"{', ' + ' '.join(extra) if extra else ''}; compute on {rows[0]['compute_slides']} slides, seed {seeds[0]}")
     write_csv(rows, folder / "table.csv")
     (folder / "table.md").write_text(markdown(rows, title))
-    if table in (1, 2):
+    if table != 4:
         plot_figure3(rows, folder / "figure3.png", title)
     return folder / "table.md"
 
@@ -275,8 +292,9 @@ def parse_seeds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     """The command; returns the exit status (2: bad input, reported as one line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cohort", required=True, help="bright_like | c16_like (data/cohorts/<name>) or a cohort root folder")
-    parser.add_argument("--table", type=int, choices=(1, 2, 4), required=True, help="1 / 2: the comparison (bright_like / c16_like); 4: ablations")
+    parser.add_argument("--cohort", required=True, help="crc_like | bright_like | c16_like (data/cohorts/<name>) or a cohort root folder")
+    parser.add_argument("--table", type=int, choices=(1, 2, 3, 4), required=True,
+                        help="1 / 2 / 3: the comparison (crc_like / bright_like / c16_like, the paper's numbering); 4: ablations of ZoomMIL-EFF")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the table's methods (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "zoommil_tables")
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(path.read_text())
-    print(f"wrote {path}, {path.with_suffix('.csv')}" + (f", {path.parent / 'figure3.png'}" if args.table in (1, 2) else ""))
+    print(f"wrote {path}, {path.with_suffix('.csv')}" + (f", {path.parent / 'figure3.png'}" if args.table != 4 else ""))
     return 0
 
 

@@ -19,7 +19,9 @@ def test_every_preset_composes(preset):
 
 @pytest.mark.parametrize(("preset", "dataset", "magnifications", "k", "rule"), [
     ("zoommil_bright", "bright_like", [1.25, 2.5, 10.0], 4, "best_val_f1_weighted"),
-    ("zoommil_eff_bright", "bright_like", [1.25, 10.0], 4, "best_val_f1_weighted"),
+    ("zoommil_eff_bright", "bright_like", [1.25, 2.5], 3, "best_val_f1_weighted"),
+    ("zoommil_crc", "crc_like", [5.0, 10.0, 20.0], 6, "best_val_loss"),
+    ("zoommil_eff_crc", "crc_like", [5.0, 10.0], 4, "best_val_loss"),
     ("zoommil_c16", "c16_like", [5.0, 10.0, 20.0], 6, "best_val_loss"),
     ("zoommil_eff_c16", "c16_like", [5.0, 20.0], 6, "best_val_loss"),
 ])

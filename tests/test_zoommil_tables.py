@@ -28,10 +28,10 @@ def cohort(tmp_path_factory) -> Path:
 
 def test_table_rows_are_the_runs_means_and_a_rerun_reuses_them(cohort, tmp_path, capsys):
     out = tmp_path / "tables"
-    argv = ["--cohort", str(cohort), "--table", "1", "--methods", "abmil,zoommil", "--seeds", "1,2",
+    argv = ["--cohort", str(cohort), "--table", "2", "--methods", "abmil,zoommil", "--seeds", "1,2",
             "--out", str(out), "--predict-limit", "2", "trainer.max_epochs=1"]
     assert zoommil_tables.main(argv) == 0
-    folder = out / "bright_like" / "table1"
+    folder = out / "bright_like" / "table2"  # the paper's BRIGHT table
     rows = {r["method"]: r for r in csv.DictReader((folder / "table.csv").open())}
     assert list(rows) == ["abmil", "zoommil"]
     for method, row in rows.items():
@@ -62,7 +62,7 @@ def test_table_rows_are_the_runs_means_and_a_rerun_reuses_them(cohort, tmp_path,
 
 def test_a_cohort_without_features_is_one_line_naming_the_folder(tmp_path, capsys):
     missing = tmp_path / "no_cohort"
-    assert zoommil_tables.main(["--cohort", str(missing), "--table", "1", "--out", str(tmp_path / "o")]) == 2
+    assert zoommil_tables.main(["--cohort", str(missing), "--table", "2", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert err.startswith("error: ") and str(missing / "features" / "lenet") in err
@@ -72,26 +72,38 @@ def test_a_cohort_without_features_is_one_line_naming_the_folder(tmp_path, capsy
 def test_unknown_method_and_bad_seeds_are_refused(cohort, tmp_path, capsys):
     assert zoommil_tables.main(["--cohort", str(cohort), "--table", "4", "--methods", "abmil", "--out", str(tmp_path)]) == 2
     assert "--methods: abmil not in table 4" in capsys.readouterr().err
-    assert zoommil_tables.main(["--cohort", str(cohort), "--table", "1", "--seeds", "1,x", "--out", str(tmp_path)]) == 2
+    assert zoommil_tables.main(["--cohort", str(cohort), "--table", "2", "--seeds", "1,x", "--out", str(tmp_path)]) == 2
     assert "--seeds 1,x" in capsys.readouterr().err
 
 
-def test_table_presets_compose_for_every_row_of_both_cohorts(cohort):
+def test_a_comparison_table_of_another_data_set_is_refused(cohort, tmp_path, capsys):
+    for table in (1, 3):  # bright_like stands in for BRIGHT: the paper's Table 2
+        assert zoommil_tables.main(["--cohort", str(cohort), "--table", str(table), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"--table {table}: bright_like" in err and "Table 2" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_table_presets_compose_for_every_row_of_every_cohort(cohort):
     from mil_experiments.api import compose_config
 
-    for table, expected in ((1, 9), (4, 7)):
+    for table, expected in ((2, 9), (4, 7)):
         methods = zoommil_tables.table_methods(zoommil_tables.find_cohort(str(cohort)), table)
         assert len(methods) == expected
         for m in methods:
             cfg = compose_config([*m.overrides, *zoommil_tables.COMMON, "seed=1"])
             assert cfg.dataset.root == str(cohort / "features" / "lenet")
             assert cfg.method.optimizer.lr == pytest.approx(1e-4)  # ZoomMIL's protocol on every row
-    c16 = zoommil_tables.Cohort("c16_like", cohort, (5.0, 10.0, 20.0))
-    for m in zoommil_tables.table_methods(c16, 2):
-        cfg = compose_config([*m.overrides, *zoommil_tables.COMMON, "seed=1"])
-        assert cfg.selection.rule == "best_val_loss"  # ZoomMIL's CAMELYON16 selection
-        expected = {"msmil": [5.0, 10.0, 20.0], "zoommil": [5.0, 10.0, 20.0], "zoommil_eff": [5.0, 20.0]}.get(m.name, [20.0])
-        assert list(cfg.dataset.magnifications) == expected
+            if table == 4:  # the paper ablates ZoomMIL-EFF (1.25x -> 2.5x on BRIGHT)
+                assert list(cfg.dataset.magnifications) == [1.25, 2.5] and cfg.aggregator.k == 3
+                assert cfg.aggregator.highest_only == (m.name == "highest_only")  # Features @2.5x
+    # the paper's CRC (Table 1) and CAMELYON16 (Table 3) select on validation loss; ZoomMIL-EFF is the lowest two magnifications
+    for name, table, mags, eff in (("crc_like", 1, (5.0, 10.0, 20.0), [5.0, 10.0]), ("c16_like", 3, (5.0, 10.0, 20.0), [5.0, 20.0])):
+        for m in zoommil_tables.table_methods(zoommil_tables.Cohort(name, cohort, mags), table):
+            cfg = compose_config([*m.overrides, *zoommil_tables.COMMON, "seed=1"])
+            assert cfg.selection.rule == "best_val_loss" and cfg.dataset.name == name
+            expected = {"msmil": list(mags), "zoommil": list(mags), "zoommil_eff": eff}.get(m.name, [20.0])
+            assert list(cfg.dataset.magnifications) == expected
 
 
 def test_pareto_frontier_keeps_the_non_dominated_points_by_speed():
