@@ -109,26 +109,24 @@ def table_methods(cohort: Cohort, table: int) -> list[Method]:
                           f"(Table 1: crc_like, 2: bright_like, 3: c16_like; 4: ablations on any)")
     if cohort.name in SELECT_ON_LOSS:
         protocol.append("selection.rule=best_val_loss")
+    from omegaconf import OmegaConf
+
+    def chain_of(magnifications) -> str:
+        return " → ".join(f"{m:g}x" for m in magnifications)
+
     mags = cohort.magnifications
+    eff_mags = [float(m) for m in OmegaConf.load(REPO / "conf" / "experiment" / f"zoommil_eff_{cohort.short}.yaml").dataset.magnifications]
     every = ",".join(f"{m}" for m in mags)
-    chain = " → ".join(f"{m:g}x" for m in mags)
+    chain = chain_of(mags)
     zoommil = ("experiment=zoommil_" + cohort.short, *data)
     eff = ("experiment=zoommil_eff_" + cohort.short, *data)
     if table == 4:
-        from omegaconf import OmegaConf
-
-        preset = OmegaConf.load(REPO / "conf" / "experiment" / f"zoommil_eff_{cohort.short}.yaml")
-        eff_mags = [float(m) for m in preset.dataset.magnifications]
-        eff_chain = " → ".join(f"{m:g}x" for m in eff_mags)
-        return [Method(name, row, f"{eff_mags[-1]:g}x (all tiles)" if name == "highest_only" else eff_chain, (*eff, *([override] if override else [])))
+        return [Method(name, row, f"{eff_mags[-1]:g}x (all tiles)" if name == "highest_only" else chain_of(eff_mags), (*eff, *([override] if override else [])))
                 for name, (override, row) in ABLATIONS.items()]
     rows = [Method(a, row, f"{mags[-1]:g}x", (*protocol, f"aggregator={a}")) for a, row in BASELINES.items()]
     rows.append(Method("msmil", "MS-MIL (all magnifications)", " + ".join(f"{m:g}x" for m in mags),
                        (*protocol, "aggregator=msmil", f"dataset.magnifications=[{every}]")))
-    from omegaconf import OmegaConf
-
-    eff_mags = [float(m) for m in OmegaConf.load(REPO / "conf" / "experiment" / f"zoommil_eff_{cohort.short}.yaml").dataset.magnifications]
-    rows.append(Method("zoommil_eff", "ZoomMIL-EFF", " → ".join(f"{m:g}x" for m in eff_mags), eff))
+    rows.append(Method("zoommil_eff", "ZoomMIL-EFF", chain_of(eff_mags), eff))
     rows.append(Method("zoommil", "ZoomMIL", chain, zoommil))
     return rows
 

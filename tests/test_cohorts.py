@@ -87,38 +87,34 @@ def test_tcga_like_both_classes_are_tumour_over_most_of_the_tissue():
         assert set(np.unique(slide.kinds)) - {0} == {1 + cfg.kind_index[spec.name]}
 
 
-def test_bright_like_grades_hold_their_lesions():
-    cfg = load_preset("bright_like", [])[1]
-    allowed = {0: {"benign"}, 1: {"atypia", "benign"}, 2: {"carcinoma", "atypia"}}
-    required = {1: "atypia", 2: "carcinoma"}
+def assert_grades_hold_their_lesions(cfg, seed: int, allowed: dict[int, set[str]], required: dict[int, str]) -> None:
+    """Every presentation of every grade of `cfg` draws only its `allowed` kinds, always its `required` one; `normal` none."""
     for label, spec in enumerate(cfg.classes):
         for p, pres in enumerate(spec.presentations):
-            slide = generate_lesion_slide(slide_rng(7, 10 * label + p), pres, cfg)
+            slide = generate_lesion_slide(slide_rng(seed, 10 * label + p), pres, cfg)
             present = {cfg.kinds[k - 1].name for k in set(np.unique(slide.kinds)) - {0}}
             assert present <= allowed[label]
             if label in required:
                 assert required[label] in present
             if pres.name == "normal":
                 assert not present
+
+
+def test_bright_like_grades_hold_their_lesions():
+    cfg = load_preset("bright_like", [])[1]
+    assert_grades_hold_their_lesions(cfg, 7, allowed={0: {"benign"}, 1: {"atypia", "benign"}, 2: {"carcinoma", "atypia"}},
+                                     required={1: "atypia", 2: "carcinoma"})
 
 
 def test_crc_like_grades_hold_their_lesions_in_the_papers_shares():
     cfg = load_preset("crc_like", [])[1]
-    allowed = {0: {"hyperplastic"}, 1: {"low_grade", "hyperplastic"}, 2: {"high_grade", "low_grade"}}
-    required = {1: "low_grade", 2: "high_grade"}
-    for label, spec in enumerate(cfg.classes):
-        for p, pres in enumerate(spec.presentations):
-            slide = generate_lesion_slide(slide_rng(9, 10 * label + p), pres, cfg)
-            present = {cfg.kinds[k - 1].name for k in set(np.unique(slide.kinds)) - {0}}
-            assert present <= allowed[label]
-            if label in required:
-                assert required[label] in present
-            if pres.name == "normal":
-                assert not present
+    assert_grades_hold_their_lesions(cfg, 9, allowed={0: {"hyperplastic"}, 1: {"low_grade", "hyperplastic"}, 2: {"high_grade", "low_grade"}},
+                                     required={1: "low_grade", 2: "high_grade"})
     # ZoomMIL's CRC: 26.5 / 48.7 / 24.8% of the slides, split 70 / 10 / 20 within each class
-    labels = np.array([e["label"] for e in cohort_plan(cfg)])
+    plan = cohort_plan(cfg)
+    labels = np.array([e["label"] for e in plan])
     assert np.bincount(labels).tolist() == [round(0.265 * 300), round(0.487 * 300), round(0.248 * 300)]
-    splits = [e["split"] for e in cohort_plan(cfg)]
+    splits = [e["split"] for e in plan]
     assert (splits.count("train"), splits.count("val"), splits.count("test")) == (210, 30, 60)
 
 
