@@ -65,12 +65,18 @@ def generate(root: Path, cfg: BenchmarkCohortConfig) -> dict:
     return make_benchmark_cohort(root, cfg)
 
 
-def extract(root: Path, raw: dict) -> dict:
-    """LeNet features of every slide at the preset's magnifications, with per-tile tumour shares."""
-    from mil_experiments.data.wsi.extraction import ExtractionConfig, run_extraction
+def extraction_config(root: Path, raw: dict):
+    """The feature extraction of the preset `raw` for the cohort under `root`.
+
+    One torch thread unless the preset's `extract.num_threads` says otherwise: LeNet's
+    float32 features differ in their last bits (up to 3e-7 on bright_like) between 1 and 2
+    threads, which is enough to move the reduced-scale tables' CLAM-SB, MS-MIL and ZoomMIL
+    rows, so the features must not depend on the machine's core count or OMP_NUM_THREADS.
+    """
+    from mil_experiments.data.wsi.extraction import ExtractionConfig
 
     settings = raw.get("extract", {})
-    config = ExtractionConfig(
+    return ExtractionConfig(
         slides_dir=str(root / "slides"),
         out_dir=str(root / "features" / "lenet"),
         labels_csv=str(root / "labels.csv"),
@@ -80,7 +86,15 @@ def extract(root: Path, raw: dict) -> dict:
         tile_size=int(settings.get("tile_size", 64)),
         encoder=dict(ENCODER),
         batch_size=256,
+        num_threads=int(settings.get("num_threads", 1)),
     )
+
+
+def extract(root: Path, raw: dict) -> dict:
+    """LeNet features of every slide at the preset's magnifications, with per-tile tumour shares."""
+    from mil_experiments.data.wsi.extraction import run_extraction
+
+    config = extraction_config(root, raw)
     run_extraction(config)
     return json.loads((Path(config.out_dir) / "extraction.json").read_text())  # the run that extracted them (a rerun skips)
 

@@ -23,7 +23,7 @@ from mil_experiments.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from make_cohorts import load_preset  # noqa: E402
+from make_cohorts import extraction_config, load_preset  # noqa: E402
 
 
 def presentation(cfg: BenchmarkCohortConfig, name: str):
@@ -53,6 +53,16 @@ def test_presets_load_with_their_classes_and_magnification_chains():
         assert cfg.num_slides >= 200 and round(cfg.num_slides * cfg.split_fractions[2]) >= 60
         # the pyramid reaches the lowest magnification used
         assert base / 2 ** (cfg.slide.pyramid_levels - 1) <= min(magnifications)
+
+
+def test_cohort_features_are_extracted_on_one_thread_unless_the_preset_says_otherwise(tmp_path):
+    # LeNet's float32 features change in their last bits with the thread count, and that moves table rows
+    for name in ("c16_like", "tcga_like", "bright_like", "crc_like"):
+        raw, _ = load_preset(name, [])
+        assert extraction_config(tmp_path, raw).num_threads == 1
+    raw, _ = load_preset("bright_like", ["extract.num_threads=2"])
+    config = extraction_config(tmp_path, raw)
+    assert config.num_threads == 2 and config.magnifications == [1.25, 2.5, 10.0] and config.out_dir == str(tmp_path / "features" / "lenet")
 
 
 def test_c16_like_tumour_is_small_and_comes_in_a_salient_and_a_subtle_form(c16):

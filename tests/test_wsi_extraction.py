@@ -78,6 +78,30 @@ def test_extract_writes_aligned_feature_files_and_resumes(cohort, tmp_path):
         run_extraction(extraction_config(cohort, out, tile_size=64))
 
 
+def test_tiles_are_encoded_on_the_configured_threads_and_the_setting_is_given_back(cohort, tmp_path, monkeypatch):
+    # the benchmark cohorts extract on one thread so that their features do not depend on the core count
+    from mil_experiments.data.wsi import extraction
+
+    seen: set[int] = set()
+    encode = extraction.TileEncoder.__call__
+
+    def recording(self, tiles):
+        seen.add(torch.get_num_threads())
+        return encode(self, tiles)
+
+    monkeypatch.setattr(extraction.TileEncoder, "__call__", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_extraction(extraction_config(cohort, tmp_path / "one", num_threads=1, limit=1))
+        assert seen == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        run_extraction(extraction_config(cohort, tmp_path / "default", limit=1))
+        assert seen == {2}  # null: the process's setting
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_single_magnification_uses_clam_names(cohort, tmp_path):
     out = tmp_path / "single"
     run_extraction(extraction_config(cohort, out, magnifications=[10.0], limit=1))
