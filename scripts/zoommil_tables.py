@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 2 --seeds 1,2,3
     OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort c16_like --table 3 --seeds 1,2,3
     OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 4 --seeds 1,2,3
-    ... [--methods abmil,zoommil] [--out outputs/zoommil_tables] [--predict-limit 12] [trainer.max_epochs=2 ...]
+    ... [--methods abmil,zoommil] [--method-seeds transmil=1] [--out outputs/zoommil_tables] [--predict-limit 12] [trainer.max_epochs=2 ...]
 
 The paper's numbering: Tables 1 / 2 / 3 (CRC / BRIGHT / CAMELYON16 -> crc_like / bright_like /
 c16_like) compare the single-magnification baselines, MSMIL on every magnification,
@@ -13,7 +13,9 @@ and the cohort's zoommil presets; crc_like and c16_like select on validation los
 does for CRC and CAMELYON16); Table 4 is the ablations of ZoomMIL-EFF, as in the paper (the
 full ZoomMIL-EFF is the reference row).
 Every (method, seed) is one in-process training run in `<out>/<cohort>/table<k>/<method>/seed<k>/`;
-a run whose results.json exists is reused, so an interrupted sweep resumes. The compute per
+a run whose results.json exists is reused, so an interrupted sweep resumes; `--method-seeds
+transmil=1` gives one method its own seeds (TransMIL takes 95 min a seed on one thread), so
+its row (n = 1: the mean alone) and its Figure 3 point join the others'. The compute per
 slide (tiles encoded, TFLOPs, seconds on 1 CPU thread) is measured once per method, on the
 first seed's model, by the raw-slide prediction command (`mil_experiments.predict`) on the
 first `--predict-limit` slides of the cohort (`<method>/predict/summary.json`, reused too).
@@ -199,7 +201,9 @@ def markdown(rows: list[dict], title: str) -> str:
     """The table laid out like the paper's: metrics as mean ± std (n), then the compute columns."""
     def cell(row: dict, key: str) -> str:
         mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-        return "n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"
+        if mean is None:
+            return "n/a"
+        return f"{mean:.3f}" if row[f"{key}_n"] == 1 else f"{mean:.3f} ± {std:.3f}"  # one seed: no spread to show
 
     header = ["method", "magnification", *[label for _, label in METRICS], "n", "tiles / slide", "TFLOPs / slide", "s / slide (1 thread)"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -249,26 +253,35 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int], extra: list[str], out: Path, predict_limit: int) -> Path:
-    """Train (or reuse) every run, measure each method's compute, write table.md / .csv / figure3.png; return table.md."""
+def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int], extra: list[str], out: Path, predict_limit: int,
+              method_seeds: dict[str, list[int]] | None = None) -> Path:
+    """Train (or reuse) every run, measure each method's compute, write table.md / .csv / figure3.png; return table.md.
+
+    `method_seeds` gives the named methods their own seeds instead of `seeds`; a method's
+    compute is measured on its first seed's model.
+    """
     from tqdm import tqdm
 
+    own = method_seeds or {}
+    seeds_of = {m.name: own.get(m.name, seeds) for m in methods}
     folder = out / cohort.name / f"table{table}"
     runs: dict[str, list[dict]] = defaultdict(list)
     compute: dict[str, dict] = {}
-    jobs = [(m, s) for m in methods for s in seeds]
+    jobs = [(m, s) for m in methods for s in seeds_of[m.name]]
     with tqdm(total=len(jobs) + len(methods), desc=f"table {table} on {cohort.name}", unit="run") as bar:
         for m in methods:
-            for s in seeds:
+            for s in seeds_of[m.name]:
                 bar.set_postfix_str(f"{m.name} seed {s}")
                 runs[m.name].append(train_run(m, s, extra, folder / m.name / f"seed{s}"))
                 bar.update()
             bar.set_postfix_str(f"{m.name} compute")
-            compute[m.name] = measure_compute(folder / m.name / f"seed{seeds[0]}", cohort, predict_limit, folder / m.name / "predict")
+            compute[m.name] = measure_compute(folder / m.name / f"seed{seeds_of[m.name][0]}", cohort, predict_limit, folder / m.name / "predict")
             bar.update()
     rows = table_rows(methods, runs, compute)
-    title = (f"ZoomMIL Table {table} on {cohort.name} ({cohort.root}): seeds {','.join(map(str, seeds))}"
-             f"{', ' + ' '.join(extra) if extra else ''}; compute on {rows[0]['compute_slides']} slides, seed {seeds[0]}")
+    exceptions = "".join(f"; {name}: seeds {','.join(map(str, s))}" for name, s in own.items() if name in seeds_of)
+    compute_seed = "each method's first seed" if exceptions else f"seed {seeds[0]}"
+    title = (f"ZoomMIL Table {table} on {cohort.name} ({cohort.root}): seeds {','.join(map(str, seeds))}{exceptions}"
+             f"{', ' + ' '.join(extra) if extra else ''}; compute on {rows[0]['compute_slides']} slides, {compute_seed}")
     write_csv(rows, folder / "table.csv")
     (folder / "table.md").write_text(markdown(rows, title))
     if table != 4:
@@ -287,6 +300,20 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_method_seeds(values: list[str], methods: list[str], table: int) -> dict[str, list[int]]:
+    """`["transmil=1"]` -> {"transmil": [1]}; a method not in the table or bad seeds is a ConfigError naming the value."""
+    parsed: dict[str, list[int]] = {}
+    for value in values:
+        name, sep, seeds = value.partition("=")
+        if not sep or name not in methods:
+            raise ConfigError(f"--method-seeds {value}: expected METHOD=SEEDS with METHOD one of table {table}'s ({', '.join(methods)})")
+        try:
+            parsed[name] = parse_seeds(seeds)
+        except ConfigError:
+            raise ConfigError(f"--method-seeds {value}: expected comma-separated integer seeds after '=', e.g. {name}=1") from None
+    return parsed
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command; returns the exit status (2: bad input, reported as one line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -295,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="1 / 2 / 3: the comparison (crc_like / bright_like / c16_like, the paper's numbering); 4: ablations of ZoomMIL-EFF")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the table's methods (default: all)")
+    parser.add_argument("--method-seeds", action="append", default=[], metavar="METHOD=SEEDS",
+                        help="a method's own seeds instead of --seeds, e.g. transmil=1 (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "zoommil_tables")
     parser.add_argument("--predict-limit", type=int, default=12, help="slides the compute columns are measured on")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.max_epochs=2")
@@ -310,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise ConfigError(f"--methods: {', '.join(unknown)} not in table {args.table} ({', '.join(known)})")
             methods = [known[n] for n in args.methods.split(",")]
-        path = run_table(cohort, args.table, methods, seeds, args.overrides, args.out, args.predict_limit)
+        method_seeds = parse_method_seeds(args.method_seeds, [m.name for m in methods], args.table)
+        path = run_table(cohort, args.table, methods, seeds, args.overrides, args.out, args.predict_limit, method_seeds)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -59,6 +59,17 @@ def test_table_rows_are_the_runs_means_and_a_rerun_reuses_them(cohort, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in watched} == before  # nothing retrained, nothing re-predicted
     assert [r["method"] for r in csv.DictReader((folder / "table.csv").open())] == ["abmil", "zoommil"]
 
+    # a method with its own seeds (TransMIL's one seed): its row is that seed's, shown without a spread
+    assert zoommil_tables.main([*argv, "--method-seeds", "zoommil=1"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    rows = {r["method"]: r for r in csv.DictReader((folder / "table.csv").open())}
+    assert rows["abmil"]["n"] == "2" and rows["zoommil"]["n"] == "1"
+    seed1 = json.loads((folder / "zoommil" / "seed1" / "results.json").read_text())["test"]["test/f1_weighted"]
+    assert float(rows["zoommil"]["f1_weighted_mean"]) == pytest.approx(seed1)
+    line = next(li for li in (folder / "table.md").read_text().splitlines() if li.startswith("| ZoomMIL |"))
+    assert f"| {seed1:.3f} |" in line and "±" not in line
+    assert "zoommil: seeds 1" in (folder / "table.md").read_text()
+
 
 def test_a_cohort_without_features_is_one_line_naming_the_folder(tmp_path, capsys):
     missing = tmp_path / "no_cohort"
@@ -74,6 +85,10 @@ def test_unknown_method_and_bad_seeds_are_refused(cohort, tmp_path, capsys):
     assert "--methods: abmil not in table 4" in capsys.readouterr().err
     assert zoommil_tables.main(["--cohort", str(cohort), "--table", "2", "--seeds", "1,x", "--out", str(tmp_path)]) == 2
     assert "--seeds 1,x" in capsys.readouterr().err
+    for value in ("nope=1", "abmil", "abmil=1,x"):
+        assert zoommil_tables.main(["--cohort", str(cohort), "--table", "2", "--method-seeds", value, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"--method-seeds {value}" in err
 
 
 def test_a_comparison_table_of_another_data_set_is_refused(cohort, tmp_path, capsys):
