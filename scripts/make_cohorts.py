@@ -69,7 +69,7 @@ def extraction_config(root: Path, raw: dict):
     """The feature extraction of the preset `raw` for the cohort under `root`.
 
     One torch thread unless the preset's `extract.num_threads` says otherwise: LeNet's
-    float32 features differ in their last bits (up to 3e-7 on bright_like) between 1 and 2
+    float32 features differ in their last bits (up to 3.3e-7 on bright_like) between 1 and 2
     threads, which is enough to move the reduced-scale tables' CLAM-SB, MS-MIL and ZoomMIL
     rows, so the features must not depend on the machine's core count or OMP_NUM_THREADS.
     """

@@ -14,7 +14,7 @@ does for CRC and CAMELYON16); Table 4 is the ablations of ZoomMIL-EFF, as in the
 full ZoomMIL-EFF is the reference row).
 Every (method, seed) is one in-process training run in `<out>/<cohort>/table<k>/<method>/seed<k>/`;
 a run whose results.json exists is reused, so an interrupted sweep resumes; `--method-seeds
-transmil=1` gives one method its own seeds (TransMIL takes 95 min a seed on one thread), so
+transmil=1` gives one method its own seeds (a TransMIL seed takes over an hour on one thread), so
 its row (n = 1: the mean alone) and its Figure 3 point join the others'. The compute per
 slide (tiles encoded, TFLOPs, seconds on 1 CPU thread) is measured once per method, on the
 first seed's model, by the raw-slide prediction command (`mil_experiments.predict`) on the
@@ -278,7 +278,7 @@ def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int
             compute[m.name] = measure_compute(folder / m.name / f"seed{seeds_of[m.name][0]}", cohort, predict_limit, folder / m.name / "predict")
             bar.update()
     rows = table_rows(methods, runs, compute)
-    exceptions = "".join(f"; {name}: seeds {','.join(map(str, s))}" for name, s in own.items() if name in seeds_of)
+    exceptions = "".join(f"; {name}: seeds {','.join(map(str, s))}" for name, s in own.items())
     compute_seed = "each method's first seed" if exceptions else f"seed {seeds[0]}"
     title = (f"ZoomMIL Table {table} on {cohort.name} ({cohort.root}): seeds {','.join(map(str, seeds))}{exceptions}"
              f"{', ' + ' '.join(extra) if extra else ''}; compute on {rows[0]['compute_slides']} slides, {compute_seed}")
