@@ -96,7 +96,22 @@ def extract(root: Path, raw: dict) -> dict:
 
     config = extraction_config(root, raw)
     run_extraction(config)
-    return json.loads((Path(config.out_dir) / "extraction.json").read_text())  # the run that extracted them (a rerun skips)
+    record = Path(config.out_dir) / "extraction.json"  # the run that extracted them (a rerun skips)
+    extraction = json.loads(record.read_text())
+    warning = thread_mismatch(record, extraction, config.num_threads)
+    if warning:
+        print(warning, file=sys.stderr)
+    return extraction
+
+
+def thread_mismatch(record: Path, extraction: dict, threads: int) -> str | None:
+    """A one-line warning when the features in place were not extracted on `threads` torch threads."""
+    used = extraction.get("torch_threads")
+    if used == threads:
+        return None
+    how = "on an unrecorded number of" if used is None else f"on {used}"
+    return (f"warning: {record}: features extracted {how} torch threads, not {threads}; their last float32 bits, "
+            f"and so some table rows, can differ from the README's: delete {record.parent} to extract them again")
 
 
 def overview(root: Path, summary: dict, out: Path) -> None:

@@ -23,7 +23,7 @@ from mil_experiments.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from make_cohorts import extraction_config, load_preset  # noqa: E402
+from make_cohorts import extraction_config, load_preset, thread_mismatch  # noqa: E402
 
 
 def presentation(cfg: BenchmarkCohortConfig, name: str):
@@ -63,6 +63,12 @@ def test_cohort_features_are_extracted_on_one_thread_unless_the_preset_says_othe
     raw, _ = load_preset("bright_like", ["extract.num_threads=2"])
     config = extraction_config(tmp_path, raw)
     assert config.num_threads == 2 and config.magnifications == [1.25, 2.5, 10.0] and config.out_dir == str(tmp_path / "features" / "lenet")
+    # features already in place from another thread count (or from before it was recorded) are named, not silently kept
+    record = tmp_path / "features" / "lenet" / "extraction.json"
+    assert thread_mismatch(record, {"torch_threads": 1}, 1) is None
+    for extraction, said in (({"torch_threads": 2}, "on 2 torch threads"), ({}, "on an unrecorded number of torch threads")):
+        warning = thread_mismatch(record, extraction, 1)
+        assert warning.count("\n") == 0 and str(record) in warning and said in warning and f"delete {record.parent}" in warning
 
 
 def test_c16_like_tumour_is_small_and_comes_in_a_salient_and_a_subtle_form(c16):

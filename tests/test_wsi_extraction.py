@@ -3,6 +3,8 @@ the tiling, resume without redoing work, and refuse to mix settings."""
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -93,8 +95,9 @@ def test_tiles_are_encoded_on_the_configured_threads_and_the_setting_is_given_ba
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run_extraction(extraction_config(cohort, tmp_path / "one", num_threads=1, limit=1))
+        summary = run_extraction(extraction_config(cohort, tmp_path / "one", num_threads=1, limit=1))
         assert seen == {1} and torch.get_num_threads() == 2
+        assert summary["torch_threads"] == 1 and json.loads((tmp_path / "one" / "extraction.json").read_text())["torch_threads"] == 1
         seen.clear()
         run_extraction(extraction_config(cohort, tmp_path / "default", limit=1))
         assert seen == {2}  # null: the process's setting
