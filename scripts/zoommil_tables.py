@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 2 --seeds 1,2,3
     OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort c16_like --table 3 --seeds 1,2,3
     OMP_NUM_THREADS=1 python scripts/zoommil_tables.py --cohort bright_like --table 4 --seeds 1,2,3
-    ... [--methods abmil,zoommil] [--method-seeds transmil=1] [--out outputs/zoommil_tables] [--predict-limit 12] [trainer.max_epochs=2 ...]
+    ... [--methods abmil,zoommil] [--method-seeds transmil=1] [--jobs 2] [--out outputs/zoommil_tables] [--predict-limit 12] [trainer.max_epochs=2 ...]
 
 The paper's numbering: Tables 1 / 2 / 3 (CRC / BRIGHT / CAMELYON16 -> crc_like / bright_like /
 c16_like) compare the single-magnification baselines, MSMIL on every magnification,
@@ -12,10 +12,12 @@ ZoomMIL-EFF and ZoomMIL, all under ZoomMIL's training protocol (experiment=zoomm
 and the cohort's zoommil presets; crc_like and c16_like select on validation loss, as the paper
 does for CRC and CAMELYON16); Table 4 is the ablations of ZoomMIL-EFF, as in the paper (the
 full ZoomMIL-EFF is the reference row).
-Every (method, seed) is one in-process training run in `<out>/<cohort>/table<k>/<method>/seed<k>/`;
+Every (method, seed) is one training run in `<out>/<cohort>/table<k>/<method>/seed<k>/`;
 a run whose results.json exists is reused, so an interrupted sweep resumes; `--method-seeds
 transmil=1` gives one method its own seeds (a TransMIL seed takes over an hour on one thread), so
-its row (n = 1: the mean alone) and its Figure 3 point join the others'. The compute per
+its row (n = 1: the mean alone) and its Figure 3 point join the others'. `--jobs N` trains N
+runs at once, each in its own process on one torch thread (the same numbers as one process
+with OMP_NUM_THREADS=1, tested), then measures the compute alone. The compute per
 slide (tiles encoded, TFLOPs, seconds on 1 CPU thread) is measured once per method, on the
 first seed's model, by the raw-slide prediction command (`mil_experiments.predict`) on the
 first `--predict-limit` slides of the cohort (`<method>/predict/summary.json`, reused too).
@@ -153,6 +155,44 @@ def train_run(method: Method, seed: int, extra: list[str], run_dir: Path) -> dic
     return results
 
 
+def _one_thread_worker() -> None:
+    """A `--jobs` worker: one torch thread (as OMP_NUM_THREADS=1 gives the sequential runs) and quiet Lightning."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def train_runs(pending: list[tuple[Method, int, Path]], extra: list[str], jobs: int, on_done) -> dict[tuple[str, int], dict]:
+    """results.json of every (method, seed, run folder), trained in this process (`jobs` 1) or in `jobs` worker processes.
+
+    Runs already finished are read here without starting a worker. Each worker trains one run
+    at a time on one torch thread, so a run's numbers do not depend on `jobs`; `on_done(method,
+    seed)` is called as each finishes.
+    """
+    results: dict[tuple[str, int], dict] = {}
+    to_train = []
+    for method, seed, run_dir in pending:
+        if jobs == 1 or (run_dir / "results.json").is_file():
+            results[method.name, seed] = train_run(method, seed, extra, run_dir)
+            on_done(method, seed)
+        else:
+            to_train.append((method, seed, run_dir))
+    if not to_train:
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(to_train)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread_worker) as pool:
+        futures = {pool.submit(train_run, method, seed, extra, run_dir): (method, seed) for method, seed, run_dir in to_train}
+        for future in as_completed(futures):
+            method, seed = futures[future]
+            results[method.name, seed] = future.result()  # a worker's error is raised here, the other runs finish first
+            on_done(method, seed)
+    return results
+
+
 def measure_compute(run_dir: Path, cohort: Cohort, limit: int, out_dir: Path) -> dict:
     """summary.json of the prediction command on the first `limit` slides (1 thread, no heatmaps); reused when present."""
     summary_path = out_dir / "summary.json"
@@ -254,11 +294,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int], extra: list[str], out: Path, predict_limit: int,
-              method_seeds: dict[str, list[int]] | None = None) -> Path:
+              method_seeds: dict[str, list[int]] | None = None, jobs: int = 1) -> Path:
     """Train (or reuse) every run, measure each method's compute, write table.md / .csv / figure3.png; return table.md.
 
     `method_seeds` gives the named methods their own seeds instead of `seeds`; a method's
-    compute is measured on its first seed's model.
+    compute is measured on its first seed's model. With `jobs` > 1 the training runs go
+    first, `jobs` at a time in worker processes, then the compute is measured one method at
+    a time in this process (so the seconds are not taken while runs share the cores).
     """
     from tqdm import tqdm
 
@@ -267,16 +309,27 @@ def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int
     folder = out / cohort.name / f"table{table}"
     runs: dict[str, list[dict]] = defaultdict(list)
     compute: dict[str, dict] = {}
-    jobs = [(m, s) for m in methods for s in seeds_of[m.name]]
-    with tqdm(total=len(jobs) + len(methods), desc=f"table {table} on {cohort.name}", unit="run") as bar:
-        for m in methods:
-            for s in seeds_of[m.name]:
-                bar.set_postfix_str(f"{m.name} seed {s}")
-                runs[m.name].append(train_run(m, s, extra, folder / m.name / f"seed{s}"))
-                bar.update()
-            bar.set_postfix_str(f"{m.name} compute")
-            compute[m.name] = measure_compute(folder / m.name / f"seed{seeds_of[m.name][0]}", cohort, predict_limit, folder / m.name / "predict")
+    pending = [(m, s, folder / m.name / f"seed{s}") for m in methods for s in seeds_of[m.name]]
+    with tqdm(total=len(pending) + len(methods), desc=f"table {table} on {cohort.name}", unit="run") as bar:
+        def done(method: Method, seed: int) -> None:
+            bar.set_postfix_str(f"{method.name} seed {seed} done")
             bar.update()
+
+        if jobs == 1:  # method by method: a method's compute right after its seeds, as before --jobs
+            trained = {}
+            for m in methods:
+                trained.update(train_runs([p for p in pending if p[0] is m], extra, 1, done))
+                bar.set_postfix_str(f"{m.name} compute")
+                compute[m.name] = measure_compute(folder / m.name / f"seed{seeds_of[m.name][0]}", cohort, predict_limit, folder / m.name / "predict")
+                bar.update()
+        else:
+            trained = train_runs(pending, extra, jobs, done)
+            for m in methods:
+                bar.set_postfix_str(f"{m.name} compute")
+                compute[m.name] = measure_compute(folder / m.name / f"seed{seeds_of[m.name][0]}", cohort, predict_limit, folder / m.name / "predict")
+                bar.update()
+        for m in methods:
+            runs[m.name] = [trained[m.name, s] for s in seeds_of[m.name]]
     rows = table_rows(methods, runs, compute)
     exceptions = "".join(f"; {name}: seeds {','.join(map(str, s))}" for name, s in own.items())
     compute_seed = "each method's first seed" if exceptions else f"seed {seeds[0]}"
@@ -326,11 +379,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="a method's own seeds instead of --seeds, e.g. transmil=1 (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "zoommil_tables")
     parser.add_argument("--predict-limit", type=int, default=12, help="slides the compute columns are measured on")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training runs at once, each in its own process on one torch thread (default 1: in this process)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.max_epochs=2")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         seeds = parse_seeds(args.seeds)
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: expected a positive number of processes")
         cohort = find_cohort(args.cohort)
         methods = table_methods(cohort, args.table)
         if args.methods:
@@ -340,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--methods: {', '.join(unknown)} not in table {args.table} ({', '.join(known)})")
             methods = [known[n] for n in args.methods.split(",")]
         method_seeds = parse_method_seeds(args.method_seeds, [m.name for m in methods], args.table)
-        path = run_table(cohort, args.table, methods, seeds, args.overrides, args.out, args.predict_limit, method_seeds)
+        path = run_table(cohort, args.table, methods, seeds, args.overrides, args.out, args.predict_limit, method_seeds, args.jobs)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -71,6 +71,43 @@ def test_table_rows_are_the_runs_means_and_a_rerun_reuses_them(cohort, tmp_path,
     assert "zoommil: seeds 1" in (folder / "table.md").read_text()
 
 
+def test_jobs_train_in_worker_processes_with_the_numbers_of_one_process(cohort, tmp_path, monkeypatch):
+    """--jobs 2: each run in its own one-thread process gives the runs of the sequential command, bit for bit."""
+    import concurrent.futures
+
+    import torch
+
+    submitted = []
+
+    class CountingPool(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(args[:2])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+
+    argv = ["--cohort", str(cohort), "--table", "2", "--methods", "abmil", "--seeds", "1,2", "--predict-limit", "1", "trainer.max_epochs=1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives the sequential command, and each worker
+    try:
+        assert zoommil_tables.main([*argv, "--out", str(tmp_path / "sequential")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert not submitted  # --jobs 1: no worker
+    assert zoommil_tables.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"]) == 0
+    assert sorted(seed for _, seed in submitted) == [1, 2]  # both runs trained in workers
+    for seed in (1, 2):
+        run = Path("bright_like") / "table2" / "abmil" / f"seed{seed}"
+        sequential, parallel = tmp_path / "sequential" / run, tmp_path / "parallel" / run
+        assert (parallel / "test_predictions.csv").read_text() == (sequential / "test_predictions.csv").read_text()
+        assert json.loads((parallel / "results.json").read_text())["test"] == json.loads((sequential / "results.json").read_text())["test"]
+    rows = [r for r in csv.DictReader((tmp_path / "parallel" / "bright_like" / "table2" / "table.csv").open())]
+    assert [(r["method"], r["n"]) for r in rows] == [("abmil", "2")]
+    assert zoommil_tables.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"]) == 0
+    assert len(submitted) == 2  # finished runs are read back, no worker started for them
+    assert zoommil_tables.main([*argv, "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2
+
+
 def test_a_cohort_without_features_is_one_line_naming_the_folder(tmp_path, capsys):
     missing = tmp_path / "no_cohort"
     assert zoommil_tables.main(["--cohort", str(missing), "--table", "2", "--out", str(tmp_path / "o")]) == 2
