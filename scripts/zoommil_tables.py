@@ -33,7 +33,6 @@ import json
 import logging
 import sys
 import textwrap
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,7 +306,6 @@ def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int
     own = method_seeds or {}
     seeds_of = {m.name: own.get(m.name, seeds) for m in methods}
     folder = out / cohort.name / f"table{table}"
-    runs: dict[str, list[dict]] = defaultdict(list)
     compute: dict[str, dict] = {}
     pending = [(m, s, folder / m.name / f"seed{s}") for m in methods for s in seeds_of[m.name]]
     with tqdm(total=len(pending) + len(methods), desc=f"table {table} on {cohort.name}", unit="run") as bar:
@@ -315,21 +313,22 @@ def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int
             bar.set_postfix_str(f"{method.name} seed {seed} done")
             bar.update()
 
-        if jobs == 1:  # method by method: a method's compute right after its seeds, as before --jobs
-            trained = {}
+        def measure(method: Method) -> None:
+            bar.set_postfix_str(f"{method.name} compute")
+            first = folder / method.name / f"seed{seeds_of[method.name][0]}"
+            compute[method.name] = measure_compute(first, cohort, predict_limit, folder / method.name / "predict")
+            bar.update()
+
+        trained: dict[tuple[str, int], dict] = {}
+        if jobs == 1:  # method by method, each method's compute right after its seeds
             for m in methods:
                 trained.update(train_runs([p for p in pending if p[0] is m], extra, 1, done))
-                bar.set_postfix_str(f"{m.name} compute")
-                compute[m.name] = measure_compute(folder / m.name / f"seed{seeds_of[m.name][0]}", cohort, predict_limit, folder / m.name / "predict")
-                bar.update()
+                measure(m)
         else:
             trained = train_runs(pending, extra, jobs, done)
             for m in methods:
-                bar.set_postfix_str(f"{m.name} compute")
-                compute[m.name] = measure_compute(folder / m.name / f"seed{seeds_of[m.name][0]}", cohort, predict_limit, folder / m.name / "predict")
-                bar.update()
-        for m in methods:
-            runs[m.name] = [trained[m.name, s] for s in seeds_of[m.name]]
+                measure(m)
+    runs = {m.name: [trained[m.name, s] for s in seeds_of[m.name]] for m in methods}
     rows = table_rows(methods, runs, compute)
     exceptions = "".join(f"; {name}: seeds {','.join(map(str, s))}" for name, s in own.items())
     compute_seed = "each method's first seed" if exceptions else f"seed {seeds[0]}"
