@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/mhim_tables.py --recipe abmil_c16 --tables supp2,table1,table3,table4,table5
     OMP_NUM_THREADS=1 python scripts/mhim_tables.py --recipe abmil_c16 --tables figure3,figure8
     OMP_NUM_THREADS=1 python scripts/mhim_tables.py --recipe abmil_tcga --tables supp2,table3,table4
-    ... [--folds 0,1,2] [--out outputs/mhim_tables] [--list] [trainer.max_epochs=2 ...]
+    ... [--folds 0,1,2] [--out outputs/mhim_tables] [--list] [--jobs 2] [trainer.max_epochs=2 ...]
 
 A recipe (`abmil_c16`, `abmil_tcga`, `transmil_c16`, `transmil_tcga`) is the pair of presets
 `mhim_<recipe>_baseline` (stage 1) and `mhim_<recipe>` (stage 2). Stage 1 is trained once per
@@ -13,7 +13,10 @@ is the stage-2 preset with a few `method.*` values changed, trained per fold int
 published recipe) is `stage2/`, and rows shared by several tables (R-HAM of Table 2 is the
 recipe of Table 1 and 3 ...) are trained once. A run whose results.json exists is reused, so a
 stopped sweep resumes, and the folders are those of `scripts/mhim_two_stage.py --out
-<out>/<recipe>`, whose runs are reused too.
+<out>/<recipe>`, whose runs are reused too. `--jobs N` trains N runs at once, each in its own
+process on one torch thread (stage 1 of every fold first; the same numbers as the sequential
+command with OMP_NUM_THREADS=1, tested); the seconds per epoch of supp2 are then taken while
+the runs share the cores (`scripts/mhim_cost.py` measures them alone).
 
 The tables (the supplement's numbering; rows as the paper's for the recipe's dataset):
 
@@ -145,6 +148,47 @@ def train_fold(recipe: str, folder: str, row: Row, fold: int, out: Path, extra: 
     return run_stage([f"experiment=mhim_{recipe}", *common, *changes, f"method.teacher_init={first}"], out / folder / f"fold{fold}")
 
 
+def _one_thread_worker() -> None:
+    """A `--jobs` worker: one torch thread, as OMP_NUM_THREADS=1 gives the sequential command."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def train_in_workers(recipe: str, tables: list[str], folds: list[int], out: Path, extra: list[str], preset: dict, jobs: int) -> None:
+    """Every run the tables need that is not finished, `jobs` at a time in one-thread worker processes.
+
+    Stage 1 of every fold goes first (it is every row's teacher); then each distinct
+    (run folder, fold) of the tables once. The tables are then written from the results.json
+    files as without `--jobs`.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    later: dict[tuple[str, int], Row] = {}
+    for table in tables:
+        for row in table_rows(table, recipe):
+            folder = run_folder(row, preset)
+            for fold in folds:
+                if folder != "stage1":
+                    later.setdefault((folder, fold), row)
+    phases = [[("stage1", Row("stage 1", baseline=True), fold) for fold in folds],
+              [(folder, row, fold) for (folder, fold), row in later.items()]]
+    phases = [[run for run in phase if not (out / run[0] / f"fold{run[2]}" / "results.json").is_file()] for phase in phases]
+    if not any(phases):
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread_worker) as pool, \
+            tqdm(total=sum(map(len, phases)), desc=f"{recipe}: runs on {jobs} workers", unit="run") as bar:
+        for phase in phases:
+            futures = [pool.submit(train_fold, recipe, folder, row, fold, out, extra) for folder, row, fold in phase]
+            for future in futures:
+                future.result()  # a worker's error is raised here, after the phase's other runs have finished
+                bar.update()
+
+
 def student_parameters(run_dir: Path) -> int:
     """Parameters of the trained model (the student for stage 2), from its selected checkpoint."""
     import torch
@@ -247,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", default=None, help="comma-separated folds (default: all of the recipe's protocol)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "mhim_tables")
     parser.add_argument("--list", action="store_true", help="print every row's run folder and exit")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each in its own process on one torch thread (default 1: in this process)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (both stages)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "scripts"))
@@ -262,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                 for row in table_rows(table, args.recipe):
                     print(f"{table}\t{row.label}\t{run_folder(row, preset)}")
             return 0
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: expected a positive number of processes")
+        if args.jobs > 1:
+            train_in_workers(args.recipe, tables, folds, out, args.overrides, preset, args.jobs)
         for table in tables:
             print(f"wrote {run_table(args.recipe, table, folds, out, args.overrides, preset)}")
     except (ConfigError, DataError) as error:

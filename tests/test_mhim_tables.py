@@ -118,3 +118,40 @@ def test_cost_columns_follow_the_kept_share(sweep):
     assert 0.45 <= rows["R-HAM"].kept_share <= 0.5 and rows["LR-HAM"].kept_share < rows["R-HAM"].kept_share
     assert rows["R-HAM"].peak_saved_mb < 0.6 * rows["AB-MIL"].peak_saved_mb
     assert all(r.seconds_per_epoch > 0 for r in rows.values())
+
+
+def test_jobs_give_the_runs_of_one_process_stage_one_first(sweep, tmp_path, monkeypatch):
+    """--jobs 2: stage 1 then the rows in one-thread worker processes, the sequential runs' numbers bit for bit."""
+    import concurrent.futures
+    import json
+
+    import torch
+
+    submitted = []
+
+    class CountingPool(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(args[1])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    cohort = sweep.parent.parent / "c16"
+    argv = ["--recipe", "abmil_c16", "--tables", "table4", "--folds", "0", f"dataset.root={cohort / 'features' / 'lenet'}", *TINY]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives the sequential command, and each worker
+    try:
+        assert mhim_tables.main([*argv, "--out", str(tmp_path / "sequential")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert not submitted
+    assert mhim_tables.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"]) == 0
+    assert submitted == ["stage1", "stage2_mask_ratio_hr=1.0", "stage2"]  # the teacher before its students
+    for folder in submitted:
+        run = Path("abmil_c16") / folder / "fold0"
+        sequential, parallel = tmp_path / "sequential" / run, tmp_path / "parallel" / run
+        assert (parallel / "test_predictions.csv").read_text() == (sequential / "test_predictions.csv").read_text()
+        assert json.loads((parallel / "results.json").read_text())["test"] == json.loads((sequential / "results.json").read_text())["test"]
+    assert (tmp_path / "parallel" / "abmil_c16" / "table4.md").read_text() == (tmp_path / "sequential" / "abmil_c16" / "table4.md").read_text()
+    assert mhim_tables.main([*argv, "--out", str(tmp_path / "parallel"), "--jobs", "2"]) == 0
+    assert len(submitted) == 3  # nothing left to train: no worker started
+    assert mhim_tables.main([*argv, "--out", str(tmp_path / "o"), "--jobs", "0"]) == 2
