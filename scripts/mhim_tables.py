@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/mhim_tables.py --recipe abmil_c16 --tables supp2,table1,table3,table4,table5
     OMP_NUM_THREADS=1 python scripts/mhim_tables.py --recipe abmil_c16 --tables figure3,figure8
     OMP_NUM_THREADS=1 python scripts/mhim_tables.py --recipe abmil_tcga --tables supp2,table3,table4
-    ... [--folds 0,1,2] [--out outputs/mhim_tables] [--list] [--jobs 2] [trainer.max_epochs=2 ...]
+    ... [--folds 0,1,2] [--out outputs/mhim_tables] [--list] [--jobs 2] [--stage2 K=V ...] [trainer.max_epochs=2 ...]
 
 A recipe (`abmil_c16`, `abmil_tcga`, `transmil_c16`, `transmil_tcga`) is the pair of presets
 `mhim_<recipe>_baseline` (stage 1) and `mhim_<recipe>` (stage 2). Stage 1 is trained once per
@@ -16,7 +16,9 @@ stopped sweep resumes, and the folders are those of `scripts/mhim_two_stage.py -
 <out>/<recipe>`, whose runs are reused too. `--jobs N` trains N runs at once, each in its own
 process on one torch thread (stage 1 of every fold first; the same numbers as the sequential
 command with OMP_NUM_THREADS=1, tested); the seconds per epoch of supp2 are then taken while
-the runs share the cores (`scripts/mhim_cost.py` measures them alone).
+the runs share the cores (`scripts/mhim_cost.py` measures them alone). Positional overrides go
+to every run; `--stage2 K=V` (repeatable) to the stage-2 (MHIM) runs only, after the row's own
+values, e.g. `--stage2 method.kept_order=ascending`.
 
 The tables (the supplement's numbering; rows as the paper's for the recipe's dataset):
 
@@ -133,8 +135,8 @@ def _same_number(a, b) -> bool:
         return False
 
 
-def train_fold(recipe: str, folder: str, row: Row, fold: int, out: Path, extra: list[str]) -> dict:
-    """results.json of one row and fold: reused when present, else trained (stage 1 first if missing)."""
+def train_fold(recipe: str, folder: str, row: Row, fold: int, out: Path, extra: list[str], stage2: tuple[str, ...] = ()) -> dict:
+    """results.json of one row and fold: reused when present, else trained (stage 1 first if missing); `stage2`: MHIM runs only."""
     from mhim_two_stage import run_stage
 
     first = out / "stage1" / f"fold{fold}"
@@ -145,7 +147,8 @@ def train_fold(recipe: str, folder: str, row: Row, fold: int, out: Path, extra: 
     if folder == "stage1_init_fc":
         return run_stage([f"experiment=mhim_{recipe}_baseline", *common, f"method.init_fc_from={first}"], out / folder / f"fold{fold}")
     changes = [f"method.{k}={v}" for k, v in row.changes.items()]
-    return run_stage([f"experiment=mhim_{recipe}", *common, *changes, f"method.teacher_init={first}"], out / folder / f"fold{fold}")
+    return run_stage([f"experiment=mhim_{recipe}", *common, *changes, *stage2, f"method.teacher_init={first}"],
+                     out / folder / f"fold{fold}")
 
 
 def _one_thread_worker() -> None:
@@ -155,7 +158,8 @@ def _one_thread_worker() -> None:
     torch.set_num_threads(1)
 
 
-def train_in_workers(recipe: str, tables: list[str], folds: list[int], out: Path, extra: list[str], preset: dict, jobs: int) -> None:
+def train_in_workers(recipe: str, tables: list[str], folds: list[int], out: Path, extra: list[str], preset: dict, jobs: int,
+                     stage2: tuple[str, ...] = ()) -> None:
     """Every run the tables need that is not finished, `jobs` at a time in one-thread worker processes.
 
     Stage 1 of every fold goes first (it is every row's teacher); then each distinct
@@ -183,7 +187,7 @@ def train_in_workers(recipe: str, tables: list[str], folds: list[int], out: Path
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread_worker) as pool, \
             tqdm(total=sum(map(len, phases)), desc=f"{recipe}: runs on {jobs} workers", unit="run") as bar:
         for phase in phases:
-            futures = [pool.submit(train_fold, recipe, folder, row, fold, out, extra) for folder, row, fold in phase]
+            futures = [pool.submit(train_fold, recipe, folder, row, fold, out, extra, stage2) for folder, row, fold in phase]
             for future in futures:
                 future.result()  # a worker's error is raised here, after the phase's other runs have finished
                 bar.update()
@@ -255,15 +259,16 @@ def plot_sweep(rows: list[dict], path: Path, xlabel: str, title: str) -> None:
     plt.close(fig)
 
 
-def run_table(recipe: str, table: str, folds: list[int], out: Path, extra: list[str], preset: dict) -> Path:
-    """Train the missing runs of `table` and write its Markdown, CSV (and PNG for a figure)."""
+def run_table(recipe: str, table: str, folds: list[int], out: Path, extra: list[str], preset: dict,
+              stage2: tuple[str, ...] = ()) -> Path:
+    """Train the missing runs of `table` and write its Markdown, CSV (and PNG for a figure); `stage2`: MHIM runs only."""
     from tqdm import tqdm
 
     rows = table_rows(table, recipe)
     summaries = []
     for row in tqdm(rows, desc=f"{recipe} {table}", unit="row"):
         folder = run_folder(row, preset)
-        runs = [train_fold(recipe, folder, row, fold, out, extra) for fold in folds]
+        runs = [train_fold(recipe, folder, row, fold, out, extra, stage2) for fold in folds]
         summaries.append(summarise_row(row, folder, runs, [out / folder / f"fold{f}" for f in folds]))
     title = f"MHIM-MIL supplement {table}, recipe {recipe} ({len(folds)} folds)"
     (out / f"{table}.md").write_text(markdown(summaries, title, cost=table == "supp2"))
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print every row's run folder and exit")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, each in its own process on one torch thread (default 1: in this process)")
+    parser.add_argument("--stage2", action="append", default=[], metavar="K=V", help="override for the stage-2 (MHIM) runs only")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (both stages)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "scripts"))
@@ -311,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 1:
             raise ConfigError(f"--jobs {args.jobs}: expected a positive number of processes")
         if args.jobs > 1:
-            train_in_workers(args.recipe, tables, folds, out, args.overrides, preset, args.jobs)
+            train_in_workers(args.recipe, tables, folds, out, args.overrides, preset, args.jobs, tuple(args.stage2))
         for table in tables:
-            print(f"wrote {run_table(args.recipe, table, folds, out, args.overrides, preset)}")
+            print(f"wrote {run_table(args.recipe, table, folds, out, args.overrides, preset, tuple(args.stage2))}")
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -56,6 +56,26 @@ def test_masks_combine_as_a_union_so_overlaps_shrink_the_masked_count():
     assert len(masked) <= 6
 
 
+def v1_kept(n: int, masked: torch.Tensor) -> list[int]:
+    """v1 modules/mhim.py select_mask_fn: a = set(cls_attn_topk_idx.tolist()); b = set(list(range(ps))); list(b.difference(a))."""
+    a = set(masked.tolist())
+    b = set(list(range(n)))
+    return list(b.difference(a))
+
+
+def test_kept_rows_come_in_v1s_set_difference_order_which_is_not_always_ascending():
+    attention = torch.rand(600, generator=torch.Generator().manual_seed(0))  # (600,)
+    kept, masked = mhim_masks(attention, MaskRatios(random=0.5), generator=torch.Generator().manual_seed(1))
+    ascending, masked_again = mhim_masks(attention, MaskRatios(random=0.5), generator=torch.Generator().manual_seed(1),
+                                         kept_order="ascending")
+    assert kept.tolist() == v1_kept(600, masked)
+    assert kept.tolist() != sorted(kept.tolist())  # 300 kept of 600: ids >= 512 interleaved with the low ones
+    assert sorted(kept.tolist()) == ascending.tolist() and torch.equal(masked, masked_again)
+    assert masked.tolist() == sorted(masked.tolist()) and len(set(kept.tolist()) | set(masked.tolist())) == 600
+    small_kept, _ = mhim_masks(ATTENTION, MaskRatios(low=0.2))  # under N/4 masked: v1's set is a copy, ascending
+    assert small_kept.tolist() == [0, 1, 2, 4, 6, 7, 8, 9]
+
+
 def test_head_voting_takes_the_instances_most_heads_rank_highest():
     attention = torch.tensor([[0.9, 0.8, 0.0, 0.0, 0.1],
                               [0.9, 0.0, 0.8, 0.0, 0.1],
@@ -214,7 +234,7 @@ OFFICIAL_RECIPES = {
                            "mrh_sche": True, "mm_sche": False},
 }
 OFFICIAL_MHIM = {"cls_alpha": 1.0, "temp_teacher": 0.1, "temp_student": 1.0, "mm": 0.9999, "mm_final": 1.0, "msa_fusion": "vote",
-                 "attn_layer": "0", "init_stu_type": "fc", "teacher_mode": "train"}
+                 "kept_order": "v1", "attn_layer": "0", "init_stu_type": "fc", "teacher_mode": "train"}
 
 
 def _value(cfg, dotted):
@@ -243,6 +263,8 @@ def test_recipe_presets_compose_without_data_and_hold_the_official_values(backbo
     assert stage_two.dataset.split_seed == stage_one.dataset.split_seed and stage_two.seed == stage_one.seed  # same folds
     with pytest.raises(ConfigError, match="method.teacher_init is not set"):
         validate(compose_config([f"experiment=mhim_{backbone}_{cohort}"]))
+    with pytest.raises(ConfigError, match="method.kept_order='sorted': choose one of"):
+        validate(compose_config([f"experiment=mhim_{backbone}_{cohort}", "method.teacher_init=/stage1/run", "method.kept_order=sorted"]))
 
 
 def test_two_stage_script_trains_both_stages_with_the_teacher_from_stage_one(tmp_path):

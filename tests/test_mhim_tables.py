@@ -66,7 +66,8 @@ def sweep(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_cohorts.py"), "c16_like", "cohort.num_slides=12", f"root={cohort}"],
                    cwd=REPO, check=True, capture_output=True)
     subprocess.run([sys.executable, str(REPO / "scripts" / "mhim_tables.py"), "--recipe", "abmil_c16", "--tables", "table3,table4,table5",
-                    "--folds", "0", "--out", str(root / "tables"), f"dataset.root={cohort / 'features' / 'lenet'}", *TINY],
+                    "--folds", "0", "--out", str(root / "tables"), "--stage2", "method.kept_order=ascending",
+                    f"dataset.root={cohort / 'features' / 'lenet'}", *TINY],
                    cwd=REPO, check=True, capture_output=True)
     return root / "tables" / "abmil_c16"
 
@@ -85,6 +86,7 @@ def test_a_variant_changes_only_its_value_and_learns_from_stage_one(sweep):
     recipe = OmegaConf.load(sweep / "stage2" / "fold0" / "config.yaml").method
     variant = OmegaConf.load(sweep / "stage2_mask_ratio_hr=1.0" / "fold0" / "config.yaml").method
     assert (recipe.mask_ratio_hr, variant.mask_ratio_hr) == (0.5, 1.0)
+    assert recipe.kept_order == variant.kept_order == "ascending"  # --stage2: the MHIM runs only, stage 1 has no such key
     assert {k: v for k, v in variant.items() if k != "mask_ratio_hr"} == {k: v for k, v in recipe.items() if k != "mask_ratio_hr"}
     assert Path(variant.teacher_init) == sweep / "stage1" / "fold0"
 

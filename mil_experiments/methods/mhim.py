@@ -46,7 +46,7 @@ from mil_experiments.errors import ConfigError
 from mil_experiments.evaluation import evaluate_bag, test_metrics, validation_metrics
 from mil_experiments.methods.base import MILMethod
 from mil_experiments.methods.fc_init import first_fc
-from mil_experiments.methods.mhim_masks import FUSIONS, MaskRatios, mhim_masks
+from mil_experiments.methods.mhim_masks import FUSIONS, KEPT_ORDERS, MaskRatios, mhim_masks
 from mil_experiments.methods.mhim_teacher import (
     ENCODER_PREFIX,
     consistency_loss,
@@ -87,6 +87,7 @@ class MHIM(MILMethod):
         mask_ratio_hr: float = 1.0  # rho: share of the top ceil(N beta_h / rho) masked at random
         mrh_sche: bool = False  # beta_h by cosine to 0, per iteration
         msa_fusion: str = "vote"  # multi-head attention: vote | mean
+        kept_order: str = "v1"  # the student's rows: v1 (its set-difference order) | ascending (named deviation)
         attn_layer: str = "0"  # TransMIL layer whose cls row drives the masks: 0 | 1 | last
         mm: float = 0.9999  # EMA momentum
         mm_final: float = 1.0
@@ -111,7 +112,7 @@ class MHIM(MILMethod):
                 raise ConfigError(f"method.mm={self.mm:g}, mm_final={self.mm_final:g}: must be in [0, 1]")
             if self.temp_teacher <= 0 or self.temp_student <= 0:
                 raise ConfigError("method.temp_teacher and method.temp_student must be > 0")
-            for key, choices in (("msa_fusion", FUSIONS), ("attn_layer", ATTENTION_LAYERS),
+            for key, choices in (("msa_fusion", FUSIONS), ("kept_order", KEPT_ORDERS), ("attn_layer", ATTENTION_LAYERS),
                                  ("teacher_mode", TEACHER_MODES), ("init_stu_type", STUDENT_INITS)):
                 if str(getattr(self, key)) not in choices:
                     raise ConfigError(f"method.{key}={getattr(self, key)!r}: choose one of {choices}")
@@ -208,7 +209,8 @@ class MHIM(MILMethod):
                 self.teacher.train(self.config.teacher_mode == "train")
                 teacher_output = self.teacher(features.detach(), target=None, levels=bag.levels)  # on all N rows
             self._teacher_embedding = teacher_output.embedding
-            kept, _ = mhim_masks(self.mining_attention(teacher_output), self.current_ratios(), self.config.msa_fusion)  # (K,)
+            kept, _ = mhim_masks(self.mining_attention(teacher_output), self.current_ratios(), self.config.msa_fusion,
+                                 kept_order=self.config.kept_order)  # (K,)
             if kept.numel() == 0:  # the union covered the whole bag (tiny bags): keep one instance at random
                 kept = torch.randint(features.shape[0], (1,), device=features.device)
             self.last_kept = int(kept.numel())

@@ -17,8 +17,15 @@ is fused by `vote` (each head votes 1 for its own top-k, the top-k of the vote c
 taken; ties as `torch.topk` breaks them) or `mean` (the union of every head's top
 k // H, v1's name for it).
 
-The kept instances are returned in ascending order (v1: a set difference, which for
-integer ids iterates in ascending order), the masked ones ascending too.
+The kept instances are returned in v1's order by default (`kept_order="v1"`): v1 builds them
+as `list(set(range(N)).difference(set(masked)))`, and the student sees them in that order.
+CPython iterates that set in ascending order only while fewer than N/4 instances are masked
+(the set is copied and the masked ids discarded) or while every kept id is below the new
+set's table size; otherwise the high ids come interleaved with the low ones (N = 600 with
+half of it masked, or N = 300 with 76% masked). Aggregators that are permutation invariant
+see the same bag either way (up to float rounding); TransMIL's PPEG neighbourhoods and
+Nyström landmark groups do not. `kept_order="ascending"` keeps them in bag order (named
+deviation; what this repository did before). The masked ids are returned ascending.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 FUSIONS = ("vote", "mean")
+KEPT_ORDERS = ("v1", "ascending")
 
 
 @dataclass
@@ -81,8 +89,14 @@ def select(attention: torch.Tensor, largest: bool, ratio: float, random_ratio: f
     return picked
 
 
+def v1_kept_order(n: int, masked: torch.Tensor) -> torch.Tensor:
+    """The ids of range(n) not in `masked`, in the order v1's `set(range(n)).difference(set(masked))` iterates them."""
+    kept = list(set(range(n)).difference(set(masked.tolist())))
+    return torch.tensor(kept, dtype=torch.long, device=masked.device)  # (K,)
+
+
 def mhim_masks(attention: torch.Tensor, ratios: MaskRatios, fusion: str = "vote",
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None, kept_order: str = "v1") -> tuple[torch.Tensor, torch.Tensor]:
     """The union of the random, low- and high-attention masks, in v1's order.
 
     Args:
@@ -90,9 +104,10 @@ def mhim_masks(attention: torch.Tensor, ratios: MaskRatios, fusion: str = "vote"
         ratios: beta_r, beta_l, beta_h (this iteration's) and rho.
         fusion: multi-head fusion (`vote` | `mean`).
         generator: random source (default: torch's global one).
+        kept_order: `v1` (v1's set-difference order, see the module docstring) or `ascending`.
 
     Returns:
-        kept (K,) and masked (N - K,) instance ids, each ascending.
+        kept (K,) instance ids in `kept_order`, and masked (N - K,) instance ids, ascending.
     """
     n = attention.shape[-1]
     parts = []
@@ -106,4 +121,7 @@ def mhim_masks(attention: torch.Tensor, ratios: MaskRatios, fusion: str = "vote"
     for picked in parts:
         is_masked[picked] = True
     ids = torch.arange(n, device=attention.device)  # (N,)
-    return ids[~is_masked], ids[is_masked]
+    masked = ids[is_masked]  # (N - K,)
+    if kept_order == "v1":
+        return v1_kept_order(n, masked), masked
+    return ids[~is_masked], masked
