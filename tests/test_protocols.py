@@ -49,9 +49,54 @@ def test_mhim_tcga_four_folds_with_a_label_balanced_13_percent_validation_share(
     labels = labels_of(100, 100)
     sets = protocol_split("mhim_tcga", labels, 2, seed=0)
     assert class_counts(sets["test"], labels) == {1: 25, 0: 25}
-    assert class_counts(sets["val"], labels) == {1: 10, 0: 10}  # round(0.13 * 75) per class
-    assert len(sets["train"]) == 200 - 50 - 20
+    assert class_counts(sets["val"], labels) == {1: 9, 0: 9}  # v1 dataloader.data_split: int(0.13 * 75) per class
+    assert len(sets["train"]) == 200 - 50 - 18
     assert len(set(sets["train"]) | set(sets["val"]) | set(sets["test"])) == 200  # disjoint, complete
+    rounded = protocol_split("mhim_tcga", labels, 2, seed=0, val_rounding="round")
+    assert class_counts(rounded["val"], labels) == {1: 10, 0: 10} and rounded["test"] == sets["test"]  # round(9.75)
+    with pytest.raises(ConfigError, match="dataset.val_rounding='ceil'"):
+        protocol_split("mhim_tcga", labels, 2, seed=0, val_rounding="ceil")
+
+
+@pytest.mark.parametrize("rule", ["mhim_c16", "mhim_tcga"])
+def test_mhim_folds_by_patient_keep_each_patients_slides_together(rule):
+    patient_labels = labels_of(40, 60)  # 100 patients, 1 to 3 slides each
+    labels, patients = {}, {}
+    for i, (patient, label) in enumerate(sorted(patient_labels.items())):
+        for k in range(1 + i % 3):
+            labels[f"{patient}-slide{k}"], patients[f"{patient}-slide{k}"] = label, patient
+    folds = 3 if rule == "mhim_c16" else 4
+    seen_test = set()
+    for fold in range(folds):
+        sets = protocol_split(rule, labels, fold, seed=5, patients=patients)
+        by_patient = {split: {patients[s] for s in sets[split]} for split in ("train", "val", "test")}
+        assert not by_patient["train"] & (by_patient["val"] | by_patient["test"])  # no patient on both sides
+        assert sorted(sets["train"] + sets["val"] + ([] if rule == "mhim_c16" else sets["test"])) == sorted(labels)
+        assert all(s in sets["test"] for s in labels if patients[s] in by_patient["test"])  # all of a patient's slides
+        assert class_counts(list(by_patient["test"]), patient_labels) in ({1: 40 // folds + d, 0: 60 // folds + e}
+                                                                          for d in (0, 1) for e in (0, 1))  # stratified patients
+        seen_test |= by_patient["test"]
+        if rule == "mhim_tcga":
+            train_patients = 100 - len(by_patient["test"])
+            assert len(by_patient["val"]) < 0.13 * train_patients + 1 and len(by_patient["val"]) >= 0.13 * train_patients - 2
+    assert seen_test == set(patient_labels)  # every patient tested once
+
+
+def test_patients_with_slides_of_two_classes_and_patient_folds_outside_mhim_are_refused(tmp_path):
+    from mil_experiments.data.slide_splits import read_labels, read_patients
+    from mil_experiments.errors import DataError
+
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("slide_id,label,case\na1,0,A\na2,1,A\nb1,1,B\n")
+    labels, _ = read_labels(csv_path)
+    with pytest.raises(DataError, match=r"labels.csv:3: patient 'A' has slides of two classes"):
+        read_patients(csv_path, "case", labels)
+    with pytest.raises(DataError, match="no 'patient' column"):
+        read_patients(csv_path, "patient", labels)
+    with pytest.raises(ConfigError, match="dataset.patient_column=case: folds by patient apply to split=mhim_c16"):
+        from mil_experiments.data.feature_bags import FeatureBagsDataModule
+
+        FeatureBagsDataModule(FeatureBagsDataModule.Config(root=str(tmp_path), split="holdout", patient_column="case"), seed=0)
 
 
 def test_holdout_is_stratified_70_10_20_and_fixed_by_split_seed():

@@ -28,9 +28,11 @@ from mil_experiments.data.feature_files import SlideFeatures, find_feature_file,
 from mil_experiments.data.slide_splits import (
     SPLIT_RULES,
     SPLITS,
+    VAL_ROUNDINGS,
     kfold_splits,
     protocol_split,
     read_labels,
+    read_patients,
     read_splits,
     sets_of,
 )
@@ -105,6 +107,8 @@ class FeatureBagsDataModule(BagDataModule):
         fold: int = 0
         val_fraction: float = 0.2
         split_seed: int = 0
+        val_rounding: str = "floor"
+        patient_column: str | None = None
         magnifications: list[float] | None = None
         preload: bool = True
         skip_invalid: bool = False
@@ -118,6 +122,11 @@ class FeatureBagsDataModule(BagDataModule):
             raise ConfigError("dataset.root is not set: give the folder of feature files (dataset.root=<dir>)")
         if c.split not in SPLIT_RULES:
             raise ConfigError(f"dataset.split={c.split!r}: choose one of {', '.join(SPLIT_RULES)}")
+        if c.val_rounding not in VAL_ROUNDINGS:
+            raise ConfigError(f"dataset.val_rounding={c.val_rounding!r}: choose one of {', '.join(VAL_ROUNDINGS)}")
+        if c.patient_column and c.split not in ("mhim_c16", "mhim_tcga"):
+            raise ConfigError(f"dataset.patient_column={c.patient_column}: folds by patient apply to split=mhim_c16|mhim_tcga"
+                              f" (this run has split={c.split})")
         self.root = Path(c.root)
         self.features_dir = Path(c.features_dir) if c.features_dir else self.root
         if not self.features_dir.is_dir():
@@ -139,7 +148,10 @@ class FeatureBagsDataModule(BagDataModule):
         c = self.config
         if c.split == "kfold":
             return sets_of(kfold_splits(self._labels, c.num_folds, c.fold, c.val_fraction, c.split_seed))
-        if c.split in ("mhim_c16", "mhim_tcga", "holdout"):
+        if c.split in ("mhim_c16", "mhim_tcga"):
+            patients = read_patients(self._resolve(c.labels_csv), c.patient_column, self._labels) if c.patient_column else None
+            return protocol_split(c.split, self._labels, c.fold, c.split_seed, val_rounding=c.val_rounding, patients=patients)
+        if c.split == "holdout":
             return protocol_split(c.split, self._labels, c.fold, c.split_seed)
         splits = read_splits(self._resolve(c.splits_csv))
         unknown = sorted(set(splits) - set(self._labels))

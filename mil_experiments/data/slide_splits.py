@@ -68,6 +68,24 @@ def read_labels(
     return labels, [str(i) for i in found]
 
 
+def read_patients(path: str | Path, column: str, labels: dict[str, int]) -> dict[str, str]:
+    """Slide id -> patient id from the labels CSV's `column`; every patient's slides must share one label."""
+    path = Path(path)
+    rows = _read_csv(path)
+    if rows and column not in rows[0]:
+        raise DataError(f"{path}: no '{column}' column for dataset.patient_column (columns: {list(rows[0])})")
+    patients: dict[str, str] = {}
+    label_of: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        slide_id, patient = (row["slide_id"] or "").strip(), (row[column] or "").strip()
+        if not patient:
+            raise DataError(f"{path}:{line}: slide {slide_id}: empty {column}")
+        if label_of.setdefault(patient, labels[slide_id]) != labels[slide_id]:
+            raise DataError(f"{path}:{line}: patient {patient!r} has slides of two classes; folds by patient need one")
+        patients[slide_id] = patient
+    return patients
+
+
 def read_splits(path: str | Path) -> dict[str, str]:
     """Slide id -> "train" | "val" | "test", from either CSV layout."""
     path = Path(path)
@@ -170,25 +188,35 @@ def stratified_folds(labels: dict[str, int], num_folds: int, seed: int) -> list[
     return [[ids[i] for i in test] for _, test in StratifiedKFold(n_splits=num_folds).split(ids, y)]
 
 
-def stratified_share(ids: list[str], labels: dict[str, int], fraction: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """Split `ids` into (rest, share): round(fraction * n_c) slides of each class c, drawn with `rng`."""
+VAL_ROUNDINGS = ("floor", "round")
+
+
+def stratified_share(ids: list[str], labels: dict[str, int], fraction: float, rng: np.random.Generator,
+                     rounding: str = "round") -> tuple[list[str], list[str]]:
+    """Split `ids` into (rest, share): round (or floor) of fraction * n_c slides of each class c, drawn with `rng`."""
     share: list[str] = []
     for label in sorted({labels[s] for s in ids}):
         members = _shuffled(sorted(s for s in ids if labels[s] == label), rng)
-        share += members[: round(len(members) * fraction)]
+        count = int(len(members) * fraction) if rounding == "floor" else round(len(members) * fraction)
+        share += members[:count]
     chosen = set(share)
     return [s for s in ids if s not in chosen], share
 
 
 def protocol_split(
-    rule: str, labels: dict[str, int], fold: int, seed: int, official: dict[str, str] | None = None
+    rule: str, labels: dict[str, int], fold: int, seed: int, official: dict[str, str] | None = None,
+    val_rounding: str = "floor", patients: dict[str, str] | None = None,
 ) -> dict[str, list[str]]:
     """The train / val / test slide lists of one of the papers' protocols (sorted ids).
 
     - `mhim_c16`: 3 stratified folds (`stratified_folds`); fold `fold` is the test set and
       also the validation set (MHIM v1 with val_ratio 0; its best-AUC model is picked on it).
     - `mhim_tcga`: 4 stratified folds; a label-balanced 13% of the training folds
-      (round(0.13 n_c) per class) is the validation set.
+      (v1's int(0.13 n_c) per class; `val_rounding="round"`: round(0.13 n_c)) is the
+      validation set.
+    - with `patients` (slide -> patient), both MHIM rules cut the folds and the validation
+      share over patients (v1 on TCGA: its label.csv lists patients, each expanded to its
+      slides), so one patient's slides never straddle train and test.
     - `holdout`: ZoomMIL's stratified 70 / 10 / 20 train / val / test (per class: round(0.2 n_c)
       test, round(0.1 n_c) val, the rest train); one fold only.
     - `csv_trainval`: the official test set of the splits CSV; its train (and val) slides are
@@ -198,14 +226,20 @@ def protocol_split(
     """
     rng = np.random.default_rng(seed)
     if rule in ("mhim_c16", "mhim_tcga"):
-        folds = stratified_folds(labels, MHIM_C16_FOLDS if rule == "mhim_c16" else MHIM_TCGA_FOLDS, seed)
+        if val_rounding not in VAL_ROUNDINGS:
+            raise ConfigError(f"dataset.val_rounding={val_rounding!r}: choose one of {VAL_ROUNDINGS}")
+        units = labels if patients is None else {patients[s]: label for s, label in labels.items()}  # slide or patient -> label
+        folds = stratified_folds(units, MHIM_C16_FOLDS if rule == "mhim_c16" else MHIM_TCGA_FOLDS, seed)
         if not 0 <= fold < len(folds):
             raise ConfigError(f"dataset.fold={fold}: split={rule} has folds 0..{len(folds) - 1}")
         test = folds[fold]
-        train = [s for i, f in enumerate(folds) if i != fold for s in f]
-        if rule == "mhim_c16":
-            return {"train": sorted(train), "val": sorted(test), "test": sorted(test)}
-        train, val = stratified_share(train, labels, MHIM_TCGA_VAL_FRACTION, rng)
+        train = [u for i, f in enumerate(folds) if i != fold for u in f]
+        val = test
+        if rule == "mhim_tcga":
+            train, val = stratified_share(train, units, MHIM_TCGA_VAL_FRACTION, rng, val_rounding)
+        if patients is not None:  # patients -> their slides
+            members = {split: set(ids) for split, ids in (("train", train), ("val", val), ("test", test))}
+            train, val, test = ([s for s in labels if patients[s] in members[split]] for split in ("train", "val", "test"))
         return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
     if fold != 0:
         raise ConfigError(f"dataset.fold={fold}: split={rule} has one fold (0); vary dataset.split_seed instead")
