@@ -13,7 +13,8 @@ and the cohort's zoommil presets; crc_like and c16_like select on validation los
 does for CRC and CAMELYON16); Table 4 is the ablations of ZoomMIL-EFF, as in the paper (the
 full ZoomMIL-EFF is the reference row).
 Every (method, seed) is one training run in `<out>/<cohort>/table<k>/<method>/seed<k>/`;
-a run whose results.json exists is reused, so an interrupted sweep resumes; `--method-seeds
+a run whose results.json exists is reused, and an interrupted run of the same settings continues
+from its last checkpoint, so an interrupted sweep resumes; `--method-seeds
 transmil=1` gives one method its own seeds (a TransMIL seed takes over an hour on one thread), so
 its row (n = 1: the mean alone) and its Figure 3 point join the others'. `--jobs N` trains N
 runs at once, each in its own process on one torch thread (the same numbers as one process
@@ -145,11 +146,20 @@ def train_run(method: Method, seed: int, extra: list[str], run_dir: Path) -> dic
 
             tqdm.write(f"note: {run_dir} was trained with other overrides; reused as it is (delete it to retrain)")
         return json.loads(results_path.read_text())
+    from omegaconf import OmegaConf
+
     from mil_experiments.api import compose_config
-    from mil_experiments.run import train_and_test
+    from mil_experiments.run import LAST_CHECKPOINT, train_and_test
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    results = train_and_test(compose_config([*overrides, "overwrite=true"]), run_dir)  # overwrite: an interrupted run's files
+    cfg = compose_config([*overrides, "overwrite=true"])  # overwrite: an interrupted run's files
+    saved = run_dir / "config.yaml"
+    resume = (run_dir / LAST_CHECKPOINT).is_file() and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+    if resume:  # an interrupted run of these very settings: continue from its last finished epoch
+        from tqdm import tqdm
+
+        tqdm.write(f"resuming {run_dir} from {LAST_CHECKPOINT}")
+    results = train_and_test(cfg, run_dir, resume=resume)
     (run_dir / "overrides.json").write_text(json.dumps(overrides))
     return results
 

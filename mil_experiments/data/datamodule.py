@@ -57,6 +57,9 @@ class BagDataModule(L.LightningDataModule, ABC):
         self.bag_split: str | None = None
         # strategy=ddp with deterministic evaluation: each rank loads only its validation / test bags
         self.evaluation_split: bool = False
+        # the class-weighted sampler's random state: saved in checkpoints, so a resumed run draws the bags it would have
+        self._weighted_generator: torch.Generator | None = None
+        self._restored_generator_state: torch.Tensor | None = None
 
     # --- to be provided by each dataset -------------------------------------------------
     num_classes: int = 2
@@ -94,7 +97,18 @@ class BagDataModule(L.LightningDataModule, ABC):
         counts = np.bincount(labels)
         weights = len(labels) / counts[labels]  # (N,)
         generator = torch.Generator().manual_seed(self.seed)
+        if self._restored_generator_state is not None:  # resumed: continue the draws where the checkpointed epoch left them
+            generator.set_state(self._restored_generator_state)
+            self._restored_generator_state = None
+        self._weighted_generator = generator
         return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64), len(labels), replacement=True, generator=generator)
+
+    def state_dict(self) -> dict:
+        """Lightning checkpoints this: the class-weighted sampler's generator (one draw per epoch so far)."""
+        return {} if self._weighted_generator is None else {"class_weighted_sampler": self._weighted_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_generator_state = state_dict.get("class_weighted_sampler")
 
     def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
