@@ -25,6 +25,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def machine() -> dict[str, object]:
+    """What a run's float32 bits depend on beside the code and the data: the CPU kernels torch
+    dispatches to (oneDNN's convolutions differ in their last bits between AVX2 and AVX-512) and the
+    thread count."""
+    import torch
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine()}
+
+
 def finite_or_none(value: object, key: str = "") -> object:
     """The results with every NaN / infinity replaced by None (strict JSON `null`), each warned about by name."""
     if isinstance(value, dict):

@@ -68,7 +68,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
     """
     from mil_experiments import launch
     from mil_experiments.experiment import build_experiment, build_trainer
-    from mil_experiments.results import package_versions, write_results
+    from mil_experiments.results import machine, package_versions, write_results
     from mil_experiments.strategies import is_rank_zero
 
     if not launch.spawned():
@@ -135,6 +135,7 @@ def train_and_test(cfg: DictConfig, output_dir: Path, resume: bool = False) -> d
         "time": {k: v for k, v in telemetry.items() if "seconds" in k},
         "memory": {k: v for k, v in telemetry.items() if k.endswith("_mb")},
         "versions": package_versions(),
+        "machine": machine(),
         "run_dir": str(output_dir),
     }
     if writer:

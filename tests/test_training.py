@@ -25,6 +25,8 @@ def test_abmil_run_writes_its_files(tiny, tmp_path):
         assert 0.0 <= saved["test"][key] <= 1.0
     assert saved["time"]["train_seconds"] > 0 and saved["memory"]["peak_saved_activations_mb"] > 0
     assert saved["versions"]["torch"].startswith("2.14.1")
+    assert saved["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # what the float32 bits depend on
+    assert saved["machine"]["torch_threads"] >= 1
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert {"train/loss", "val/loss", "val/error", "val/auc", "time/epoch_train_s", "memory/peak_saved_mb"} <= set(rows[0])

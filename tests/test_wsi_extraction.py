@@ -98,6 +98,7 @@ def test_tiles_are_encoded_on_the_configured_threads_and_the_setting_is_given_ba
         summary = run_extraction(extraction_config(cohort, tmp_path / "one", num_threads=1, limit=1))
         assert seen == {1} and torch.get_num_threads() == 2
         assert summary["torch_threads"] == 1 and json.loads((tmp_path / "one" / "extraction.json").read_text())["torch_threads"] == 1
+        assert summary["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         seen.clear()
         run_extraction(extraction_config(cohort, tmp_path / "default", limit=1))
         assert seen == {2}  # null: the process's setting

@@ -254,7 +254,8 @@ def run_extraction(config: ExtractionConfig) -> dict:
     threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    summary["torch_threads"] = torch.get_num_threads()  # the features' last float32 bits depend on it
+    summary["torch_threads"] = torch.get_num_threads()  # the features' last float32 bits depend on it,
+    summary["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # and on the CPU's kernels (AVX2 / AVX512)
     try:
         if todo:
             _extract_all(todo, config, expected, device, summary)
