@@ -73,6 +73,12 @@ class Cohort:
         return self.root / "features" / "lenet"
 
     @property
+    def label(self) -> str:
+        """The name, and the root folder too when it is not data/cohorts/<name> (so a figure's title does not carry a checkout's path)."""
+        default = REPO / "data" / "cohorts" / self.name
+        return self.name if self.root.resolve() == default.resolve() else f"{self.name} ({self.root})"
+
+    @property
     def short(self) -> str:
         """The suffix of the cohort's zoommil presets: crc | bright | c16."""
         return self.name.removesuffix("_like")
@@ -342,7 +348,7 @@ def run_table(cohort: Cohort, table: int, methods: list[Method], seeds: list[int
     rows = table_rows(methods, runs, compute)
     exceptions = "".join(f"; {name}: seeds {','.join(map(str, s))}" for name, s in own.items())
     compute_seed = "each method's first seed" if exceptions else f"seed {seeds[0]}"
-    title = (f"ZoomMIL Table {table} on {cohort.name} ({cohort.root}): seeds {','.join(map(str, seeds))}{exceptions}"
+    title = (f"ZoomMIL Table {table} on {cohort.label}: seeds {','.join(map(str, seeds))}{exceptions}"
              f"{', ' + ' '.join(extra) if extra else ''}; compute on {rows[0]['compute_slides']} slides, {compute_seed}")
     write_csv(rows, folder / "table.csv")
     (folder / "table.md").write_text(markdown(rows, title))

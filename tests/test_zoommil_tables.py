@@ -200,6 +200,13 @@ def test_table_presets_compose_for_every_row_of_every_cohort(cohort):
             assert list(cfg.dataset.magnifications) == expected
 
 
+def test_titles_name_a_cohort_in_its_default_folder_without_the_checkouts_path(cohort):
+    default = zoommil_tables.Cohort("c16_like", zoommil_tables.REPO / "data" / "cohorts" / "c16_like", (5.0, 10.0, 20.0))
+    assert default.label == "c16_like"
+    elsewhere = zoommil_tables.find_cohort(str(cohort))
+    assert elsewhere.label == f"bright_like ({cohort})"
+
+
 def test_pareto_frontier_keeps_the_non_dominated_points_by_speed():
     points = [(10.0, 0.90), (100.0, 0.85), (50.0, 0.80), (1000.0, 0.60), (100.0, 0.70), (5.0, 0.90), (2000.0, 0.60)]
     # (50, .80) is dominated by (100, .85); (100, .70) by (100, .85); (5, .90) by (10, .90); (1000, .60) by (2000, .60)
