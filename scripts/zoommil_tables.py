@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+COHORTS = REPO / "data" / "cohorts"  # where make_cohorts.py writes a cohort by its name
 sys.path.insert(0, str(REPO))
 
 from mil_experiments.errors import ConfigError, DataError  # noqa: E402
@@ -75,8 +76,7 @@ class Cohort:
     @property
     def label(self) -> str:
         """The name, and the root folder too when it is not data/cohorts/<name> (so a figure's title does not carry a checkout's path)."""
-        default = REPO / "data" / "cohorts" / self.name
-        return self.name if self.root.resolve() == default.resolve() else f"{self.name} ({self.root})"
+        return self.name if self.root.resolve() == (COHORTS / self.name).resolve() else f"{self.name} ({self.root})"
 
     @property
     def short(self) -> str:
@@ -96,7 +96,7 @@ class Method:
 
 def find_cohort(value: str) -> Cohort:
     """`crc_like` / `bright_like` / `c16_like` (data/cohorts/<name>) or a cohort root; refuses one without features."""
-    root = Path(value) if ("/" in value or Path(value).is_dir()) else REPO / "data" / "cohorts" / value
+    root = Path(value) if ("/" in value or Path(value).is_dir()) else COHORTS / value
     features = root / "features" / "lenet"
     if not features.is_dir() or not any(features.glob("*.h5")):
         raise DataError(f"--cohort {value}: no feature files in {features} (make them with: python scripts/make_cohorts.py <crc_like|bright_like|c16_like>)")

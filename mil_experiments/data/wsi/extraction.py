@@ -36,6 +36,7 @@ from mil_experiments.data.wsi.tiling import (
 )
 from mil_experiments.data.wsi.tissue import TissueConfig
 from mil_experiments.errors import ConfigError, DataError
+from mil_experiments.results import machine
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,7 @@ def run_extraction(config: ExtractionConfig) -> dict:
     threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    summary["torch_threads"] = torch.get_num_threads()  # the features' last float32 bits depend on it,
-    summary["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # and on the CPU's kernels (AVX2 / AVX512)
+    summary.update(machine())  # torch_threads, cpu_capability: the features' last float32 bits depend on them
     try:
         if todo:
             _extract_all(todo, config, expected, device, summary)
