@@ -151,13 +151,6 @@ def train_fold(recipe: str, folder: str, row: Row, fold: int, out: Path, extra: 
                      out / folder / f"fold{fold}")
 
 
-def _one_thread_worker() -> None:
-    """A `--jobs` worker: one torch thread, as OMP_NUM_THREADS=1 gives the sequential command."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def train_in_workers(recipe: str, tables: list[str], folds: list[int], out: Path, extra: list[str], preset: dict, jobs: int,
                      stage2: tuple[str, ...] = ()) -> None:
     """Every run the tables need that is not finished, `jobs` at a time in one-thread worker processes.
@@ -166,10 +159,9 @@ def train_in_workers(recipe: str, tables: list[str], folds: list[int], out: Path
     (run folder, fold) of the tables once. The tables are then written from the results.json
     files as without `--jobs`.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     from tqdm import tqdm
+
+    from mil_experiments.worker_pool import one_thread_pool, run_task
 
     later: dict[tuple[str, int], Row] = {}
     for table in tables:
@@ -183,11 +175,10 @@ def train_in_workers(recipe: str, tables: list[str], folds: list[int], out: Path
     phases = [[run for run in phase if not (out / run[0] / f"fold{run[2]}" / "results.json").is_file()] for phase in phases]
     if not any(phases):
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_thread_worker) as pool, \
+    with one_thread_pool(jobs) as pool, \
             tqdm(total=sum(map(len, phases)), desc=f"{recipe}: runs on {jobs} workers", unit="run") as bar:
         for phase in phases:
-            futures = [pool.submit(train_fold, recipe, folder, row, fold, out, extra, stage2) for folder, row, fold in phase]
+            futures = [pool.submit(run_task, train_fold, recipe, folder, row, fold, out, extra, stage2) for folder, row, fold in phase]
             for future in futures:
                 future.result()  # a worker's error is raised here, after the phase's other runs have finished
                 bar.update()

@@ -170,14 +170,6 @@ def train_run(method: Method, seed: int, extra: list[str], run_dir: Path) -> dic
     return results
 
 
-def _one_thread_worker() -> None:
-    """A `--jobs` worker: one torch thread (as OMP_NUM_THREADS=1 gives the sequential runs) and quiet Lightning."""
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
-
 def train_runs(pending: list[tuple[Method, int, Path]], extra: list[str], jobs: int, on_done) -> dict[tuple[str, int], dict]:
     """results.json of every (method, seed, run folder), trained in this process (`jobs` 1) or in `jobs` worker processes.
 
@@ -195,12 +187,12 @@ def train_runs(pending: list[tuple[Method, int, Path]], extra: list[str], jobs: 
             to_train.append((method, seed, run_dir))
     if not to_train:
         return results
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(to_train)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_one_thread_worker) as pool:
-        futures = {pool.submit(train_run, method, seed, extra, run_dir): (method, seed) for method, seed, run_dir in to_train}
+    from mil_experiments.worker_pool import one_thread_pool, run_task
+
+    with one_thread_pool(min(jobs, len(to_train)), quiet_lightning=True) as pool:
+        futures = {pool.submit(run_task, train_run, method, seed, extra, run_dir): (method, seed) for method, seed, run_dir in to_train}
         for future in as_completed(futures):
             method, seed = futures[future]
             results[method.name, seed] = future.result()  # a worker's error is raised here, the other runs finish first

@@ -133,7 +133,7 @@ def test_jobs_give_the_runs_of_one_process_stage_one_first(sweep, tmp_path, monk
 
     class CountingPool(concurrent.futures.ProcessPoolExecutor):
         def submit(self, fn, *args, **kwargs):
-            submitted.append(args[1])
+            submitted.append(args[2])  # run_task(train_fold, recipe, folder, ...)
             return super().submit(fn, *args, **kwargs)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)

@@ -122,7 +122,7 @@ def test_jobs_train_in_worker_processes_with_the_numbers_of_one_process(cohort, 
 
     class CountingPool(concurrent.futures.ProcessPoolExecutor):
         def submit(self, fn, *args, **kwargs):
-            submitted.append(args[:2])
+            submitted.append(args[1:3])  # run_task(train_run, method, seed, ...)
             return super().submit(fn, *args, **kwargs)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)

@@ -1,0 +1,70 @@
+"""The `--jobs` workers of the table scripts: one torch thread each, and gone once their sweep is killed."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mil_experiments.worker_pool import one_thread_pool, run_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie left for a non-reaping PID 1 counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_a_worker_runs_on_one_torch_thread_and_returns_the_task_result():
+    with one_thread_pool(1) as pool:
+        assert pool.submit(run_task, _threads).result() == 1
+        assert pool.submit(run_task, divmod, 7, 2).result() == (3, 1)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to see the worker end")
+@pytest.mark.parametrize("busy", [True, False], ids=["inside a task", "idle"])
+def test_workers_exit_when_the_sweep_that_started_them_is_killed(tmp_path, busy):
+    """`kill -9 <sweep>`: a worker inside a run stops it (SIGTERM) and exits, an idle one exits; none keeps writing."""
+    sweep = textwrap.dedent(f"""
+        import os, sys, time
+        from mil_experiments.worker_pool import one_thread_pool, run_task
+        if __name__ == "__main__":
+            pool = one_thread_pool(1)
+            print(pool.submit(run_task, os.getpid).result(), flush=True)
+            if {busy}:
+                pool.submit(run_task, time.sleep, 600)
+            time.sleep(600)
+    """)
+    script = tmp_path / "sweep.py"
+    script.write_text(sweep)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    worker = None
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(1)  # the task is running in the worker
+        assert _alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker)
+    finally:
+        parent.kill()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
