@@ -68,3 +68,40 @@ def test_workers_exit_when_the_sweep_that_started_them_is_killed(tmp_path, busy)
         parent.kill()
         if worker is not None and _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_run_resumes_to_the_numbers_of_an_uninterrupted_one(tmp_path):
+    """zoommil_tables --jobs 2 killed with -9 after an epoch: the workers end, the rerun resumes both seeds, same results."""
+    import json
+
+    cohort = tmp_path / "bright_small"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_cohorts.py"), "bright_like", "cohort.num_slides=12", f"root={cohort}"],
+                   cwd=REPO, check=True, capture_output=True)
+    argv = [sys.executable, str(REPO / "scripts" / "zoommil_tables.py"), "--cohort", str(cohort), "--table", "2", "--methods", "abmil",
+            "--seeds", "1,2", "--predict-limit", "1", "trainer.max_epochs=40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*argv, "--out", str(tmp_path / "whole")], cwd=REPO, env=env, check=True, capture_output=True)
+    runs = [Path("bright_like") / "table2" / "abmil" / f"seed{s}" for s in (1, 2)]
+    sweep = subprocess.Popen([*argv, "--out", str(tmp_path / "killed"), "--jobs", "2"], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = [tmp_path / "killed" / run / "checkpoints" / "last.ckpt" for run in runs]
+    deadline = time.monotonic() + 300
+    while not all(c.is_file() for c in ckpts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(sweep.pid)], capture_output=True, text=True).stdout.split()]
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers and not any(map(_alive, workers))
+    assert not any((tmp_path / "killed" / run / "results.json").is_file() for run in runs)  # stopped mid-run
+    finished = subprocess.run([*argv, "--out", str(tmp_path / "killed"), "--jobs", "2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stderr.count("resuming") + finished.stdout.count("resuming") == 2
+    for run in runs:
+        whole, resumed = (json.loads((tmp_path / folder / run / "results.json").read_text()) for folder in ("whole", "killed"))
+        assert resumed["test"] == whole["test"]
+        assert resumed["selection"]["selected_epoch"] == whole["selection"]["selected_epoch"]
+        assert (tmp_path / "killed" / run / "test_predictions.csv").read_text() == (tmp_path / "whole" / run / "test_predictions.csv").read_text()
