@@ -186,6 +186,17 @@ def _close_wandb(exit_code: int = 0) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def is_interrupted_run_of(cfg: DictConfig, run_dir: Path) -> bool:
+    """True when `run_dir` holds an unfinished run of exactly `cfg` that can continue (`train_and_test(..., resume=True)`).
+
+    For scripts that train into folders of their own and, started again, continue where they
+    were stopped: its config.yaml equals `cfg`, it has a last.ckpt and no results.json.
+    """
+    saved = run_dir / "config.yaml"
+    return ((run_dir / LAST_CHECKPOINT).is_file() and not (run_dir / "results.json").exists()
+            and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def resumed_config(run_dir: Path) -> DictConfig:
     """The saved config of the run in `run_dir`, checked that it can be resumed."""
     if not (run_dir / "config.yaml").is_file():

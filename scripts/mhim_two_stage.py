@@ -47,16 +47,25 @@ def stage_overrides(recipe: str | None, stage: int) -> list[str]:
 
 
 def run_stage(overrides: list[str], folder: Path) -> dict:
-    """Train and test one stage into `folder`, or reuse the results already there."""
+    """Train and test one stage into `folder`, reuse the results already there, or continue an interrupted run of it.
+
+    A folder without results.json is this script's own unfinished run: continued from its
+    last epoch when its config.yaml is these settings', else trained again from the start.
+    """
     from mil_experiments.api import compose_config
-    from mil_experiments.run import train_and_test
+    from mil_experiments.run import LAST_CHECKPOINT, is_interrupted_run_of, train_and_test
 
     done = folder / "results.json"
     if done.is_file():
         print(f"reusing {folder} (results.json present)")
         return json.loads(done.read_text())
-    print(f"training {folder}: {' '.join(overrides)}", flush=True)
-    return train_and_test(compose_config(overrides), folder)
+    cfg = compose_config([*overrides, "overwrite=true"])  # overwrite: an interrupted run's files
+    resume = is_interrupted_run_of(cfg, folder)
+    if resume:
+        print(f"resuming {folder} from {LAST_CHECKPOINT}", flush=True)
+    else:
+        print(f"training {folder}: {' '.join(overrides)}", flush=True)
+    return train_and_test(cfg, folder, resume=resume)
 
 
 def two_stages(recipe: str | None, folds: list[int | None], out: Path, common: list[str],

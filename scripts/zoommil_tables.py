@@ -152,21 +152,20 @@ def train_run(method: Method, seed: int, extra: list[str], run_dir: Path) -> dic
 
             tqdm.write(f"note: {run_dir} was trained with other overrides; reused as it is (delete it to retrain)")
         return json.loads(results_path.read_text())
-    from omegaconf import OmegaConf
-
     from mil_experiments.api import compose_config
-    from mil_experiments.run import LAST_CHECKPOINT, train_and_test
+    from mil_experiments.run import LAST_CHECKPOINT, is_interrupted_run_of, train_and_test
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = compose_config([*overrides, "overwrite=true"])  # overwrite: an interrupted run's files
-    saved = run_dir / "config.yaml"
-    resume = (run_dir / LAST_CHECKPOINT).is_file() and saved.is_file() and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
+    resume = is_interrupted_run_of(cfg, run_dir)
     if resume:  # an interrupted run of these very settings: continue from its last finished epoch
         from tqdm import tqdm
 
         tqdm.write(f"resuming {run_dir} from {LAST_CHECKPOINT}")
     results = train_and_test(cfg, run_dir, resume=resume)
-    (run_dir / "overrides.json").write_text(json.dumps(overrides))
+    written = run_dir / "overrides.json.tmp"
+    written.write_text(json.dumps(overrides))
+    written.replace(run_dir / "overrides.json")  # never half a file, however the process ends
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,3 +41,28 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def training_stopped_at_epoch(epoch: int):
+    """Runs trained inside raise RuntimeError("stopped") as `epoch` starts (the earlier epochs and their last.ckpt written)."""
+    from unittest import mock
+
+    import lightning.pytorch as pl
+
+    import mil_experiments.experiment as experiment
+
+    class Stop(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == epoch:
+                raise RuntimeError("stopped")
+
+    build_trainer = experiment.build_trainer
+
+    def with_stop(exp):
+        trainer, callbacks = build_trainer(exp)
+        trainer.callbacks.append(Stop())
+        return trainer, callbacks
+
+    with mock.patch.object(experiment, "build_trainer", with_stop), pytest.raises(RuntimeError, match="stopped"):
+        yield

@@ -318,6 +318,33 @@ def test_two_stage_script_runs_an_official_recipe_on_feature_bags(feature_bags, 
     assert (out / "stage1" / "fold0" / "splits.csv").read_text() == (out / "stage2" / "fold0" / "splits.csv").read_text()
 
 
+def test_a_stopped_stage_continues_from_its_last_epoch_and_other_settings_start_afresh(feature_bags, tmp_path, capsys):
+    """run_stage started again on its own unfinished folder (what a killed sweep leaves): the uninterrupted results."""
+    import importlib.util
+
+    from tests.conftest import REPO, training_stopped_at_epoch
+
+    spec = importlib.util.spec_from_file_location("mhim_two_stage", REPO / "scripts" / "mhim_two_stage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = _overrides(feature_bags, "method=abmil", "method.binary_head=two_logits", "trainer.max_epochs=3")
+    whole = script.run_stage(overrides, tmp_path / "whole")
+
+    with training_stopped_at_epoch(1):
+        script.run_stage(overrides, tmp_path / "stopped")
+    capsys.readouterr()
+    resumed = script.run_stage(overrides, tmp_path / "stopped")
+    assert f"resuming {tmp_path / 'stopped'}" in capsys.readouterr().out
+    assert resumed["test"] == whole["test"] and resumed["selection"]["selected_epoch"] == whole["selection"]["selected_epoch"]
+    assert [r["val/loss"] for r in csv.DictReader((tmp_path / "stopped" / "metrics.csv").open())] == \
+        [r["val/loss"] for r in csv.DictReader((tmp_path / "whole" / "metrics.csv").open())]
+    # an unfinished folder of other settings (before: refused as "already holds a run") is trained afresh
+    with training_stopped_at_epoch(1):
+        script.run_stage(overrides, tmp_path / "other")
+    afresh = script.run_stage([*overrides, "seed=5"], tmp_path / "other")
+    assert "resuming" not in capsys.readouterr().out and afresh["seed"] == 5 and afresh["epochs"] == 3
+
+
 # --- end to end: the kept rows re-encoded in dense chunks (engine.skip_zero_grad_rows) -----------
 
 def _mhim_on_tiles(*extra):

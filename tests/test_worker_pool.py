@@ -1,5 +1,6 @@
 """The `--jobs` workers of the table scripts: one torch thread each, and gone once their sweep is killed."""
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -38,15 +39,25 @@ def test_a_worker_runs_on_one_torch_thread_and_returns_the_task_result():
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to see the worker end")
 @pytest.mark.parametrize("busy", [True, False], ids=["inside a task", "idle"])
 def test_workers_exit_when_the_sweep_that_started_them_is_killed(tmp_path, busy):
-    """`kill -9 <sweep>`: a worker inside a run stops it (SIGTERM) and exits, an idle one exits; none keeps writing."""
+    """`kill -9 <sweep>`: a worker inside a run gets SIGTERM, exits when the run returns and starts no queued run."""
     sweep = textwrap.dedent(f"""
-        import os, sys, time
+        import os, signal, sys, time
+        from pathlib import Path
         from mil_experiments.worker_pool import one_thread_pool, run_task
+
+        def run_until_sigterm(marker):  # what Lightning does: note SIGTERM, stop after the bag at hand
+            stop = []
+            signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+            while not stop:
+                time.sleep(0.05)
+            Path(marker).write_text("stopped")
+
         if __name__ == "__main__":
             pool = one_thread_pool(1)
             print(pool.submit(run_task, os.getpid).result(), flush=True)
             if {busy}:
-                pool.submit(run_task, time.sleep, 600)
+                pool.submit(run_task, run_until_sigterm, {str(tmp_path / "first")!r})
+                pool.submit(run_task, Path({str(tmp_path / "queued")!r}).write_text, "ran")
             time.sleep(600)
     """)
     script = tmp_path / "sweep.py"
@@ -55,8 +66,9 @@ def test_workers_exit_when_the_sweep_that_started_them_is_killed(tmp_path, busy)
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     worker = None
     try:
+        assert select.select([parent.stdout], [], [], 120)[0], "the sweep printed no worker pid"
         worker = int(parent.stdout.readline())
-        time.sleep(1)  # the task is running in the worker
+        time.sleep(1)  # the first task is running in the worker
         assert _alive(worker)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
@@ -64,6 +76,9 @@ def test_workers_exit_when_the_sweep_that_started_them_is_killed(tmp_path, busy)
         while _alive(worker) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(worker)
+        if busy:
+            assert (tmp_path / "first").read_text() == "stopped"  # SIGTERM, and the task ran to its end
+            assert not (tmp_path / "queued").exists()
     finally:
         parent.kill()
         if worker is not None and _alive(worker):
@@ -89,6 +104,7 @@ def test_a_sweep_killed_mid_run_resumes_to_the_numbers_of_an_uninterrupted_one(t
     deadline = time.monotonic() + 300
     while not all(c.is_file() for c in ckpts) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert all(c.is_file() for c in ckpts), "no run of the sweep finished an epoch in 300 s"
     workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(sweep.pid)], capture_output=True, text=True).stdout.split()]
     sweep.send_signal(signal.SIGKILL)
     sweep.wait(timeout=10)

@@ -71,42 +71,23 @@ def test_table_rows_are_the_runs_means_and_a_rerun_reuses_them(cohort, tmp_path,
     assert "zoommil: seeds 1" in (folder / "table.md").read_text()
 
 
-def test_an_interrupted_run_resumes_from_its_last_epoch_with_the_numbers_of_an_uninterrupted_one(cohort, tmp_path, monkeypatch, capsys):
-    import lightning.pytorch as pl
-
-    import mil_experiments.experiment as experiment
+def test_an_interrupted_run_resumes_from_its_last_epoch_with_the_numbers_of_an_uninterrupted_one(cohort, tmp_path, capsys):
+    from tests.conftest import training_stopped_at_epoch
 
     abmil = next(m for m in zoommil_tables.table_methods(zoommil_tables.find_cohort(str(cohort)), 2) if m.name == "abmil")
     extra = ["trainer.max_epochs=3"]
     whole = zoommil_tables.train_run(abmil, 1, extra, tmp_path / "whole")
-
-    class StopAfterFirstEpoch(pl.Callback):
-        def on_train_epoch_start(self, trainer, module):
-            if trainer.current_epoch == 1:  # epoch 0 and its last.ckpt are written
-                raise RuntimeError("interrupted")
-
-    build_trainer = experiment.build_trainer
-
-    def with_stop(exp):
-        trainer, callbacks = build_trainer(exp)
-        trainer.callbacks.append(StopAfterFirstEpoch())
-        return trainer, callbacks
-
-    monkeypatch.setattr(experiment, "build_trainer", with_stop)
     run_dir = tmp_path / "interrupted"
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with training_stopped_at_epoch(1):
         zoommil_tables.train_run(abmil, 1, extra, run_dir)
-    monkeypatch.setattr(experiment, "build_trainer", build_trainer)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
     resumed = zoommil_tables.train_run(abmil, 1, extra, run_dir)
     assert f"resuming {run_dir}" in capsys.readouterr().out
     assert resumed["test"] == whole["test"] and resumed["selection"]["selected_epoch"] == whole["selection"]["selected_epoch"]
     assert [r["val/loss"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == \
         [r["val/loss"] for r in csv.DictReader((tmp_path / "whole" / "metrics.csv").open())]
-    with pytest.raises(RuntimeError, match="interrupted"):  # other settings than the interrupted run's: trained afresh
-        monkeypatch.setattr(experiment, "build_trainer", with_stop)
+    with training_stopped_at_epoch(1):  # other settings than the interrupted run's: trained afresh
         zoommil_tables.train_run(abmil, 2, extra, tmp_path / "other")
-    monkeypatch.setattr(experiment, "build_trainer", build_trainer)
     (tmp_path / "other" / "config.yaml").write_text("seed: 99\n")
     zoommil_tables.train_run(abmil, 2, extra, tmp_path / "other")
     assert "resuming" not in capsys.readouterr().out
