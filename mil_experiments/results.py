@@ -47,8 +47,8 @@ def finite_or_none(value: object, key: str = "") -> object:
     return value
 
 
-def write_results(path: Path, results: dict) -> None:
-    """Write results.json as strict JSON (undefined metrics are null), atomically (never half a file)."""
+def write_results(path: Path, results: dict | list) -> None:
+    """Write results.json (or any JSON record of a run) as strict JSON (undefined metrics are null), atomically (never half a file)."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(finite_or_none(results), indent=2, sort_keys=False, default=float, allow_nan=False))
     tmp.replace(path)

@@ -24,7 +24,6 @@ teacher's test metrics are in each stage-2 `results.json` as `test/teacher_*`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -52,20 +51,10 @@ def run_stage(overrides: list[str], folder: Path) -> dict:
     A folder without results.json is this script's own unfinished run: continued from its
     last epoch when its config.yaml is these settings', else trained again from the start.
     """
-    from mil_experiments.api import compose_config
-    from mil_experiments.run import LAST_CHECKPOINT, is_interrupted_run_of, train_and_test
+    from mil_experiments.api import train_or_reuse
 
-    done = folder / "results.json"
-    if done.is_file():
-        print(f"reusing {folder} (results.json present)")
-        return json.loads(done.read_text())
-    cfg = compose_config([*overrides, "overwrite=true"])  # overwrite: an interrupted run's files
-    resume = is_interrupted_run_of(cfg, folder)
-    if resume:
-        print(f"resuming {folder} from {LAST_CHECKPOINT}", flush=True)
-    else:
-        print(f"training {folder}: {' '.join(overrides)}", flush=True)
-    return train_and_test(cfg, folder, resume=resume)
+    print(f"{folder}: {' '.join(overrides)}", flush=True)
+    return train_or_reuse(overrides, folder, say=lambda line: print(line, flush=True))
 
 
 def two_stages(recipe: str | None, folds: list[int | None], out: Path, common: list[str],

@@ -142,31 +142,12 @@ def table_methods(cohort: Cohort, table: int) -> list[Method]:
 
 
 def train_run(method: Method, seed: int, extra: list[str], run_dir: Path) -> dict:
-    """results.json of `method` with `seed`: read when the run finished before, else trained and tested here."""
-    results_path = run_dir / "results.json"
-    overrides = [*method.overrides, *COMMON, f"seed={seed}", *extra]
-    if results_path.is_file():
-        stored = run_dir / "overrides.json"
-        if stored.is_file() and json.loads(stored.read_text()) != overrides:
-            from tqdm import tqdm
+    """results.json of `method` with `seed`: read when the run finished before, continued when it was stopped, else trained."""
+    from tqdm import tqdm
 
-            tqdm.write(f"note: {run_dir} was trained with other overrides; reused as it is (delete it to retrain)")
-        return json.loads(results_path.read_text())
-    from mil_experiments.api import compose_config
-    from mil_experiments.run import LAST_CHECKPOINT, is_interrupted_run_of, train_and_test
+    from mil_experiments.api import train_or_reuse
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose_config([*overrides, "overwrite=true"])  # overwrite: an interrupted run's files
-    resume = is_interrupted_run_of(cfg, run_dir)
-    if resume:  # an interrupted run of these very settings: continue from its last finished epoch
-        from tqdm import tqdm
-
-        tqdm.write(f"resuming {run_dir} from {LAST_CHECKPOINT}")
-    results = train_and_test(cfg, run_dir, resume=resume)
-    written = run_dir / "overrides.json.tmp"
-    written.write_text(json.dumps(overrides))
-    written.replace(run_dir / "overrides.json")  # never half a file, however the process ends
-    return results
+    return train_or_reuse([*method.overrides, *COMMON, f"seed={seed}", *extra], run_dir, say=tqdm.write)
 
 
 def train_runs(pending: list[tuple[Method, int, Path]], extra: list[str], jobs: int, on_done) -> dict[tuple[str, int], dict]:

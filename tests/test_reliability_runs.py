@@ -79,6 +79,21 @@ def test_a_folder_holding_a_run_is_refused_unless_overwrite(tmp_path):
     assert results["seed"] == 3 and json.loads((tmp_path / "run/results.json").read_text())["seed"] == 3
 
 
+def test_a_script_run_folder_is_trained_once_then_read_back_and_other_settings_are_noted(tmp_path):
+    """train_or_reuse (the table scripts' runs): a finished folder is never trained again, and says when it holds other settings."""
+    from mil_experiments.api import train_or_reuse
+
+    overrides = TINY + ["trainer.max_epochs=1"]
+    said = []
+    first = train_or_reuse(overrides, tmp_path / "run", said.append)
+    assert json.loads((tmp_path / "run/overrides.json").read_text()) == overrides and said == []
+    written = (tmp_path / "run/results.json").stat().st_mtime_ns
+    assert train_or_reuse(overrides, tmp_path / "run", said.append) == first and said == []
+    assert train_or_reuse([*overrides, "seed=3"], tmp_path / "run", said.append) == first
+    assert said == [f"note: {tmp_path / 'run'} was trained with other overrides; reused as it is (delete it to retrain)"]
+    assert (tmp_path / "run/results.json").stat().st_mtime_ns == written
+
+
 def test_cli_refusals_leave_no_folder_and_resume_refuses_a_finished_run(tmp_path):
     result = run_cli(["alpha=150", "logger=none", f"hydra.run.dir={tmp_path}/refused"], cwd=tmp_path)
     assert result.returncode == 2 and not (tmp_path / "refused").exists()
