@@ -53,7 +53,8 @@ def run_stage(overrides: list[str], folder: Path) -> dict:
     """
     from mil_experiments.api import train_or_reuse
 
-    print(f"{folder}: {' '.join(overrides)}", flush=True)
+    reused = (folder / "results.json").is_file()
+    print(f"reusing {folder} (results.json present)" if reused else f"{folder}: {' '.join(overrides)}", flush=True)
     return train_or_reuse(overrides, folder, say=lambda line: print(line, flush=True))
 
 
