@@ -242,6 +242,41 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABEL_OFFSETS = [(6, 4), (6, -11), (-6, 4), (-6, -11), (6, 13), (6, -20), (-6, 13), (-6, -20), (0, 22), (0, -29)]  # points
+
+
+def label_points(axis, labels: list[str], points: list[tuple[float, float]]) -> None:
+    """Name each point beside it, at the first of LABEL_OFFSETS where the name stays inside the axes and overlaps no marker and no other name.
+
+    Placed after the layout is final (the boxes are measured on the canvas); a name that finds no
+    free place goes to the first offset.
+    """
+    renderer = axis.figure.canvas.get_renderer()
+    to_display = axis.transData.transform
+    frame = axis.get_window_extent(renderer)
+    taken = [matplotlib_box(*to_display(p), half=5) for p in points]  # the markers
+    for label, point in sorted(zip(labels, points, strict=True), key=lambda lp: lp[1][0]):
+        for dx, dy in LABEL_OFFSETS:
+            text = axis.annotate(label, point, textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                                 ha="left" if dx > 0 else "right" if dx < 0 else "center")
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                break
+            text.remove()
+        else:
+            text = axis.annotate(label, point, textcoords="offset points", xytext=LABEL_OFFSETS[0], fontsize=8)
+            box = text.get_window_extent(renderer)
+        taken.append(box)
+
+
+def matplotlib_box(x: float, y: float, half: float):
+    """A square of side 2·half display pixels around (x, y)."""
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x - half, y - half], [x + half, y + half]])
+
+
 def plot_figure3(rows: list[dict], path: Path, title: str) -> None:
     """Slides per hour (log x) vs test accuracy (mean ± std), the efficiency frontier through the non-dominated methods."""
     import matplotlib
@@ -252,13 +287,10 @@ def plot_figure3(rows: list[dict], path: Path, title: str) -> None:
     shown = [r for r in rows if r["slides_per_hour"] and r["accuracy_mean"] is not None]
     points = [(r["slides_per_hour"], r["accuracy_mean"]) for r in shown]
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    rank = {i: k for k, i in enumerate(sorted(range(len(points)), key=lambda i: points[i][0]))}
-    for i, (r, (x, y)) in enumerate(zip(shown, points, strict=True)):
+    for r, (x, y) in zip(shown, points, strict=True):
         zoom = r["method"].startswith("zoommil")
         axis.errorbar(x, y, yerr=r["accuracy_std"] or 0.0, fmt="*" if zoom else "o", markersize=12 if zoom else 7, capsize=3,
                       color="tab:red" if zoom else "tab:blue")
-        axis.annotate(r["paper_row"].split(" (")[0], (x, y), textcoords="offset points",
-                      xytext=(6, (5, -12, 14)[rank[i] % 3]), fontsize=8)  # staggered: neighbours in speed do not overprint
     frontier = pareto_frontier(points)
     if frontier:
         axis.plot([points[i][0] for i in frontier], [points[i][1] for i in frontier], "--", color="gray", label="efficiency frontier")
@@ -269,6 +301,7 @@ def plot_figure3(rows: list[dict], path: Path, title: str) -> None:
     axis.set_title(textwrap.fill(title, 90), fontsize=8)
     axis.grid(alpha=0.3, which="both")
     figure.tight_layout()
+    label_points(axis, [r["paper_row"].split(" (")[0] for r in shown], points)
     figure.savefig(path, dpi=120)
     plt.close(figure)
 

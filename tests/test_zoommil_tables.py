@@ -194,3 +194,26 @@ def test_pareto_frontier_keeps_the_non_dominated_points_by_speed():
     assert zoommil_tables.pareto_frontier(points) == [0, 1, 6]
     assert zoommil_tables.pareto_frontier([(1.0, 0.5)]) == [0]
     assert zoommil_tables.pareto_frontier([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # ties dominate neither
+
+
+def test_figure_labels_of_crowded_points_neither_overprint_nor_leave_the_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # crc_like's Table 1 crowd: five baselines within 5% in speed and 0.06 in accuracy, one at the right edge
+    points = [(6000.0, 0.667), (6100.0, 0.661), (6200.0, 0.656), (6150.0, 0.633), (6050.0, 0.611), (4100.0, 0.639), (38000.0, 0.667)]
+    labels = ["CLAM-SB", "DSMIL", "ABMIL", "Mean-MIL", "MS-MIL", "TransMIL", "ZoomMIL-EFF"]
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    axis.plot(*zip(*points, strict=True), "o")
+    axis.set(xscale="log", ylim=(0.35, 0.75))  # the figure's range: Max-MIL at 0.378 below them
+    figure.tight_layout()
+    zoommil_tables.label_points(axis, labels, points)
+    renderer = figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in axis.texts]
+    frame = axis.get_window_extent(renderer)
+    plt.close(figure)
+    assert sorted(t.get_text() for t in axis.texts) == sorted(labels)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
