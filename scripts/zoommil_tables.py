@@ -254,7 +254,7 @@ def label_points(axis, labels: list[str], points: list[tuple[float, float]]) -> 
     renderer = axis.figure.canvas.get_renderer()
     to_display = axis.transData.transform
     frame = axis.get_window_extent(renderer)
-    taken = [matplotlib_box(*to_display(p), half=5) for p in points]  # the markers
+    taken = [marker_box(*to_display(p), half=5) for p in points]  # the markers
     for label, point in sorted(zip(labels, points, strict=True), key=lambda lp: lp[1][0]):
         for dx, dy in LABEL_OFFSETS:
             text = axis.annotate(label, point, textcoords="offset points", xytext=(dx, dy), fontsize=8,
@@ -265,12 +265,12 @@ def label_points(axis, labels: list[str], points: list[tuple[float, float]]) -> 
                 break
             text.remove()
         else:
-            text = axis.annotate(label, point, textcoords="offset points", xytext=LABEL_OFFSETS[0], fontsize=8)
+            text = axis.annotate(label, point, textcoords="offset points", xytext=LABEL_OFFSETS[0], fontsize=8)  # left-aligned, as dx > 0
             box = text.get_window_extent(renderer)
         taken.append(box)
 
 
-def matplotlib_box(x: float, y: float, half: float):
+def marker_box(x: float, y: float, half: float):
     """A square of side 2·half display pixels around (x, y)."""
     from matplotlib.transforms import Bbox
 
