@@ -251,30 +251,27 @@ def label_points(axis, labels: list[str], points: list[tuple[float, float]]) -> 
     Placed after the layout is final (the boxes are measured on the canvas); a name that finds no
     free place goes to the first offset.
     """
+    from matplotlib.transforms import Bbox
+
     renderer = axis.figure.canvas.get_renderer()
-    to_display = axis.transData.transform
     frame = axis.get_window_extent(renderer)
-    taken = [marker_box(*to_display(p), half=5) for p in points]  # the markers
+    taken = [Bbox.from_extents(*(xy - 5), *(xy + 5)) for xy in axis.transData.transform(points)]  # the markers, 10 px squares
+
+    def name_at(label: str, point: tuple[float, float], offset: tuple[int, int]):
+        return axis.annotate(label, point, textcoords="offset points", xytext=offset, fontsize=8,
+                             ha="left" if offset[0] > 0 else "right" if offset[0] < 0 else "center")
+
     for label, point in sorted(zip(labels, points, strict=True), key=lambda lp: lp[1][0]):
-        for dx, dy in LABEL_OFFSETS:
-            text = axis.annotate(label, point, textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                                 ha="left" if dx > 0 else "right" if dx < 0 else "center")
+        for offset in LABEL_OFFSETS:
+            text = name_at(label, point, offset)
             box = text.get_window_extent(renderer)
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
             if inside and not any(box.overlaps(other) for other in taken):
                 break
             text.remove()
         else:
-            text = axis.annotate(label, point, textcoords="offset points", xytext=LABEL_OFFSETS[0], fontsize=8)  # left-aligned, as dx > 0
-            box = text.get_window_extent(renderer)
+            box = name_at(label, point, LABEL_OFFSETS[0]).get_window_extent(renderer)
         taken.append(box)
-
-
-def marker_box(x: float, y: float, half: float):
-    """A square of side 2·half display pixels around (x, y)."""
-    from matplotlib.transforms import Bbox
-
-    return Bbox([[x - half, y - half], [x + half, y + half]])
 
 
 def plot_figure3(rows: list[dict], path: Path, title: str) -> None:
